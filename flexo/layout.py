@@ -1,0 +1,72 @@
+"""Where every artifact lives, relative to the project root (the folder holding params.yaml).
+
+One place for paths keeps the CLI, dvc.yaml and the Prefect flows in agreement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @classmethod
+    def at(cls, root: Path | str = ".") -> "Layout":
+        return cls(Path(root).resolve())
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def downloads(self) -> Path:
+        """Project-local download cache of the registry packages that hold the real text."""
+        return self.root / ".cache" / "downloads"
+
+    def owner_inbox(self, owner: str) -> Path:
+        """Where an owner drops its own documents (.txt, .jsonl with a `text` field)."""
+        return self.root / "data" / "owners" / owner
+
+    def curated(self, name: str) -> Path:
+        """Train and val splits plus the manifest: read only by that owner's own stages."""
+        return self.root / "data" / "curated" / name
+
+    def heldout(self, name: str) -> Path:
+        """The held-out test split, kept apart so that evaluation depends on nothing an owner trains on."""
+        return self.root / "data" / "heldout" / name
+
+    def split_file(self, name: str, split: str) -> Path:
+        folder = self.heldout(name) if split == "test" else self.curated(name)
+        return folder / f"{split}.jsonl"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "models" / "tokenizer"
+
+    @property
+    def public_model(self) -> Path:
+        return self.root / "models" / "public"
+
+    def router_embedding(self, name: str) -> Path:
+        return self.root / "models" / "router" / f"{name}.safetensors"
+
+    def expert(self, owner: str) -> Path:
+        return self.root / "models" / "experts" / owner
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "models" / "merged"
+
+    @property
+    def merged_rt(self) -> Path:
+        return self.root / "models" / "merged-rt"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    def checkpoints(self, name: str) -> Path:
+        return self.root / ".cache" / "checkpoints" / name

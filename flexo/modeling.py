@@ -1,0 +1,230 @@
+"""FlexOlmo models as stock transformers objects, and the artifacts flexo passes between stages.
+
+Every model flexo writes is a plain `FlexOlmoForCausalLM` folder (loads with
+`AutoModelForCausalLM.from_pretrained`, no custom code) plus a `flexo.json` manifest. An owner ships an
+**expert package**: `expert.safetensors` (its FFN and router row of every layer, nothing else) and
+`expert.json` (owner, public fingerprint, shapes, training figures) — never data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, FlexOlmoConfig, FlexOlmoForCausalLM
+
+from flexo.errors import FlexoError
+from flexo.fsutil import read_json, sha256_file, write_json
+from flexo.params import ModelParams
+
+META = "flexo.json"
+PACKAGE_TENSORS = "expert.safetensors"
+PACKAGE_META = "expert.json"
+PACKAGE_KINDS = ("gate_proj", "up_proj", "down_proj", "router")
+
+
+# --------------------------------------------------------------------------------------------- configs
+def model_config(m: ModelParams, *, vocab_size: int, pad_id: int, eos_id: int, num_experts: int = 1,
+                 top_k: int = 1) -> FlexOlmoConfig:
+    """An OLMo-2 style FlexOlmo config (post-norm, QK-norm, RoPE, RMSNorm, no biases)."""
+    check_top_k(top_k, num_experts)
+    return FlexOlmoConfig(
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_heads,
+        max_position_embeddings=max(4096, m.max_seq_len),
+        rms_norm_eps=m.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=False,  # FlexOlmo: softmax over all experts, keep top-k, no renormalisation
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=eos_id,
+        tie_word_embeddings=False,
+        output_router_logits=False,
+    )
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    # transformers does not validate this; forward would fail later with "selected index k out of range".
+    if not 1 <= top_k <= num_experts:
+        raise FlexoError(f"top-k {top_k} is out of range: it must be between 1 and the {num_experts} experts")
+
+
+def with_experts(config: FlexOlmoConfig, num_experts: int, top_k: int) -> FlexOlmoConfig:
+    check_top_k(top_k, num_experts)
+    new = FlexOlmoConfig.from_dict(config.to_dict())
+    new.num_experts = num_experts
+    new.num_experts_per_tok = top_k
+    return new
+
+
+def new_model(config: FlexOlmoConfig) -> FlexOlmoForCausalLM:
+    # Eager experts: the grouped_mm default is ~1.6x slower on CPU for few experts (ENV.md).
+    config._experts_implementation = "eager"
+    return FlexOlmoForCausalLM(config)
+
+
+def load_model(path: Path, *, dtype: torch.dtype = torch.float32) -> FlexOlmoForCausalLM:
+    """Load a flexo model folder (stock transformers; never `trust_remote_code`, safetensors only)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FlexoError(f"{path} is not a model folder (no config.json): run the stage that writes it first")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "flex_olmo":
+        raise FlexoError(f"{path} holds a {config.model_type!r} model, not flex_olmo: convert it with train-public")
+    try:
+        model = FlexOlmoForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, experts_implementation="eager"
+        )
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FlexoError(f"cannot load the model in {path} ({str(e).splitlines()[0]}): rerun its stage") from None
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ manifests
+def read_meta(model_dir: Path) -> dict:
+    return read_json(Path(model_dir) / META, what="flexo manifest")
+
+
+def write_meta(model_dir: Path, meta: dict) -> None:
+    write_json(Path(model_dir) / META, meta)
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FlexoError(f"{model_dir} holds no .safetensors weights: rerun the stage that writes it")
+    return files
+
+
+def fingerprint(model_dir: Path) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order, streamed one tensor at a time.
+
+    Independent of sharding and of file-level metadata, so the same weights always give the same value.
+    """
+    h = hashlib.sha256()
+    entries = []
+    for f in safetensors_files(model_dir):
+        with safe_open(f, framework="pt") as st:
+            entries += [(k, f) for k in st.keys()]
+    for key, f in sorted(entries):
+        with safe_open(f, framework="pt") as st:
+            t = st.get_tensor(key).contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- router rows
+def read_router_row(path: Path, hidden_size: int) -> torch.Tensor:
+    """A router embedding written by `flexo embed` (already projected and scaled to the model width)."""
+    path = Path(path)
+    if not path.is_file():
+        name = path.stem
+        raise FlexoError(f"no router embedding for {name!r} ({path}): run `flexo embed --owner {name}` first")
+    try:
+        row = load_file(path)["router_row"]
+    except (SafetensorError, KeyError, OSError) as e:
+        raise FlexoError(f"router embedding {path} is unreadable ({e}): rerun `flexo embed`") from None
+    if row.shape != (hidden_size,):
+        raise FlexoError(
+            f"router embedding {path} has shape {tuple(row.shape)} but the model width is {hidden_size}: "
+            "rerun `flexo embed` after changing model.hidden_size"
+        )
+    return row.float()
+
+
+# ------------------------------------------------------------------------------------ coupled models
+@torch.no_grad()
+def coupled_model(public: FlexOlmoForCausalLM, owner_row: torch.Tensor) -> FlexOlmoForCausalLM:
+    """The owner's 2-expert model: expert 0 = the public FFN, expert 1 = a copy of it, router rows
+    [r_pub, r_owner] in every layer, top-2 of 2 (a soft gate over both)."""
+    if public.config.num_experts != 1:
+        raise FlexoError(f"the public model must have 1 expert, it has {public.config.num_experts}")
+    model = new_model(with_experts(public.config, 2, 2))
+    src = public.state_dict()
+    dst = model.state_dict()
+    for key, value in dst.items():
+        s = src[key]
+        if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            value.copy_(torch.cat([s, s], dim=0))
+        elif key.endswith("mlp.gate.weight"):
+            value.copy_(torch.cat([s, owner_row.to(s.dtype)[None]], dim=0))
+        else:
+            value.copy_(s)
+    return model
+
+
+def frozen_public_mask(name: str) -> str:
+    """How a parameter of the coupled model is trained: 'frozen', 'owner-slice' (index 1 trainable,
+    index 0 = public kept bit-identical by a gradient mask)."""
+    if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")):
+        return "owner-slice"
+    return "frozen"
+
+
+# ----------------------------------------------------------------------------------- expert packages
+def expert_tensors(model: FlexOlmoForCausalLM, index: int) -> dict[str, torch.Tensor]:
+    """Expert `index`'s FFN and router row of every layer, in package form (per-expert, unfused)."""
+    out = {}
+    inter = model.config.intermediate_size
+    for i, layer in enumerate(model.model.layers):
+        gu = layer.mlp.experts.gate_up_proj[index]
+        out[f"layers.{i}.gate_proj"] = gu[:inter].detach().clone().contiguous()  # gate rows first, then up
+        out[f"layers.{i}.up_proj"] = gu[inter:].detach().clone().contiguous()
+        out[f"layers.{i}.down_proj"] = layer.mlp.experts.down_proj[index].detach().clone().contiguous()
+        out[f"layers.{i}.router"] = layer.mlp.gate.weight[index].detach().clone().contiguous()
+    return out
+
+
+def write_expert_package(folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / PACKAGE_TENSORS), metadata={"format": "flexo-expert-v1", "owner": meta["owner"]})
+    meta = dict(meta, tensors_sha256=sha256_file(folder / PACKAGE_TENSORS))
+    write_json(folder / PACKAGE_META, meta)
+    return meta
+
+
+def package_shapes(num_layers: int, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for i in range(num_layers):
+        shapes[f"layers.{i}.gate_proj"] = (inter, hidden)
+        shapes[f"layers.{i}.up_proj"] = (inter, hidden)
+        shapes[f"layers.{i}.down_proj"] = (hidden, inter)
+        shapes[f"layers.{i}.router"] = (hidden,)
+    return shapes
+
+
+def read_package_meta(folder: Path) -> dict:
+    meta = read_json(Path(folder) / PACKAGE_META, what="expert manifest")
+    for key in ("owner", "public_fingerprint", "num_layers", "hidden_size", "intermediate_size"):
+        if key not in meta:
+            raise FlexoError(f"expert manifest {Path(folder) / PACKAGE_META} lacks {key!r}: rerun train-expert")
+    return meta
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def finite_or_fail(tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
+    for name, t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FlexoError(f"{where}: tensor {name} holds NaN or Inf: retrain or re-export it")
+
+
+def model_json(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+

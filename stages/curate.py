@@ -1,0 +1,322 @@
+"""Stage `curate`: real text for one data owner (or `public`) → deduplicated train/val/test splits.
+
+    flexo curate --owner public
+    flexo curate --owner code
+
+Reads the owner's packaged sources (flexo.sources, fetched into the project's download cache) and the
+owner's own folder `data/owners/<owner>/`, cleans, deduplicates, splits by document hash and caps the
+train split to the budget in params. Writes `data/curated/<name>/{train,val,test}.jsonl` and
+`manifest.json`. An owner's curate reads only that owner's sources; public curate reads only public ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tqdm import tqdm
+
+from flexo import sources
+from flexo.errors import FlexoError
+from flexo.fsutil import atomic_dir, sha256_file
+from flexo.layout import Layout
+from flexo.params import PUBLIC, Params
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+INBOX_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass
+class Doc:
+    text: str
+    source_id: str
+    origin: str
+
+
+# ---------------------------------------------------------------------------------------------- cleaning
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str) -> str:
+    """Normalise without destroying code: NFC, unix newlines, no control chars, no trailing spaces,
+    at most one blank line in a row. Indentation is kept (it is syntax in the code domain)."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return _BLANKS.sub("\n\n", text).strip("\n").strip()
+
+
+def _exact_key(text: str) -> str:
+    return hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()
+
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def _near_key(text: str) -> str:
+    # Cheap near-duplicate key: words only (no punctuation), case-folded, first ~1 kB. Catches re-spaced and
+    # re-punctuated copies (e.g. the same play in two packages) without a MinHash index; digits are kept, since
+    # generated math problems differ only in their numbers.
+    letters = _NON_WORD.sub(" ", text.lower()).split()
+    return hashlib.sha256(" ".join(letters)[:1000].encode()).hexdigest()
+
+
+def split_of(origin_key: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split by the hash of a document's origin: every piece of one document lands in one split."""
+    u = int(hashlib.sha256(origin_key.encode()).hexdigest()[:12], 16) / float(1 << 48)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def chunk(text: str, max_chars: int) -> list[str]:
+    """Cut a long document at paragraph (then line) breaks into pieces of at most ~max_chars."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, current = [], ""
+    for para in re.split(r"(\n\n)", text):
+        if len(current) + len(para) > max_chars and current.strip():
+            pieces.append(current)
+            current = ""
+        if len(para) > max_chars:  # one huge paragraph (code, verse): fall back to lines
+            for line in para.split("\n"):
+                if len(current) + len(line) + 1 > max_chars and current.strip():
+                    pieces.append(current)
+                    current = ""
+                current += line[: max_chars * 2] + "\n"
+        else:
+            current += para
+    if current.strip():
+        pieces.append(current)
+    return [p.strip() for p in pieces if p.strip()]
+
+
+# ------------------------------------------------------------------------------------------ owner inbox
+@dataclass
+class InboxReport:
+    files: int = 0
+    documents: int = 0
+    skipped_files: int = 0
+    skipped: list[str] | None = None
+
+
+def read_inbox(folder: Path) -> tuple[list[Doc], InboxReport]:
+    """An owner's own documents: `*.txt` (one file = one document) and `*.jsonl` (a `text` field per line).
+    Binary or non-UTF-8 files are skipped with a warning and counted, never a crash."""
+    report = InboxReport(skipped=[])
+    docs: list[Doc] = []
+    if not folder.is_dir():
+        return docs, report
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if path.name.startswith(".") or path.suffix not in INBOX_SUFFIXES:
+            continue
+        report.files += 1
+        raw = path.read_bytes()
+        try:
+            if b"\x00" in raw:
+                raise UnicodeDecodeError("utf-8", raw, 0, 1, "binary file (NUL bytes)")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            log.warning("skipping %s: not UTF-8 text (%s)", path, e.reason)
+            report.skipped_files += 1
+            report.skipped.append(rel)
+            continue
+        if path.suffix == ".txt":
+            docs.append(Doc(text, "inbox", rel))
+            continue
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                body = row["text"]
+                if not isinstance(body, str):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                log.warning("skipping %s line %d: not a JSON object with a string `text` field", path, i + 1)
+                report.skipped_files += 0
+                continue
+            docs.append(Doc(body, "inbox", f"{rel}#{i}"))
+    report.documents = len(docs)
+    return docs, report
+
+
+# ------------------------------------------------------------------------------------------------ stage
+def _packaged_docs(domain: str, cache: Path, char_budget: int, seed: int) -> tuple[Iterator[Doc], list]:
+    ids = sources.DOMAIN_SOURCES.get(domain, ())
+    records = []
+
+    def gen() -> Iterator[Doc]:
+        share = char_budget // max(1, len(ids))
+        for sid in ids:
+            _, record = sources.fetch(sid, cache)
+            records.append(record.to_dict())
+            n = 0
+            for raw in sources.iter_documents(sid, cache, seed=seed, max_chars=share):
+                n += 1
+                yield Doc(raw.text, raw.source_id, raw.origin)
+            if n == 0:
+                raise FlexoError(
+                    f"source {sid!r} ({domain}) yielded no documents: delete {cache} to refetch it, "
+                    "or remove it from flexo.sources.DOMAIN_SOURCES"
+                )
+
+    return gen(), records
+
+
+def curate(name: str, params: Params, layout: Layout, *, token_counter=None,
+           documents: Iterable[Doc] | None = None) -> dict:
+    """Curate `name` (an owner from params.yaml, or `public`) and return its manifest.
+
+    `documents` replaces the packaged sources (tests use it to build a tiny project without downloads).
+    """
+    params.check_owner(name, allow_public=True)
+    c = params.curate
+    started = time.time()
+    train_budget = c.public_train_chars if name == PUBLIC else c.owner_train_chars
+    # Fetch enough raw text for the train budget plus val/test and what cleaning drops.
+    raw_budget = int((train_budget + 2 * c.max_eval_chars) * 1.3)
+
+    if documents is None:
+        packaged, records = _packaged_docs(name, layout.downloads, raw_budget, seed=0)
+    else:
+        packaged, records = iter(documents), [{"source_id": "given", "note": "documents passed by the caller"}]
+    inbox_docs, inbox = ([], InboxReport(skipped=[])) if name == PUBLIC else read_inbox(layout.owner_inbox(name))
+    if name != PUBLIC and documents is None and name not in sources.DOMAIN_SOURCES and not inbox_docs:
+        raise FlexoError(
+            f"owner {name!r} has no documents: it is not a FlexMix domain ({', '.join(sources.DOMAINS)}) and "
+            f"{layout.owner_inbox(name)} holds no readable .txt or .jsonl files; add some"
+        )
+
+    buckets: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    seen_exact: set[str] = set()
+    seen_near: set[str] = set()
+    dropped = {"tiny": 0, "duplicate": 0, "near_duplicate": 0}
+    stream: Iterable[Doc] = list(inbox_docs) + []  # the owner's own documents come first: never cut by the budget
+    bar = tqdm(desc=f"curate {name}", unit="doc", mininterval=1.0)
+    for doc in _chain(stream, packaged):
+        bar.update()
+        text = clean_text(doc.text)
+        split = split_of(f"{doc.source_id}:{doc.origin}", c.val_fraction, c.test_fraction)
+        for i, piece in enumerate(chunk(text, c.chunk_chars)):
+            if len(piece) < c.min_doc_chars:
+                dropped["tiny"] += 1
+                continue
+            k = _exact_key(piece)
+            if k in seen_exact:
+                dropped["duplicate"] += 1
+                continue
+            seen_exact.add(k)
+            if c.near_dedup:
+                nk = _near_key(piece)
+                if nk in seen_near:
+                    dropped["near_duplicate"] += 1
+                    continue
+                seen_near.add(nk)
+            origin = doc.origin if i == 0 else f"{doc.origin}@{i}"
+            buckets[split].append({"text": piece, "source": doc.source_id, "origin": origin})
+    bar.close()
+
+    for split in ("val", "test"):
+        # A small owner can hash no document into val or test: lend one from train rather than fail.
+        if not buckets[split] and len(buckets["train"]) >= 3:
+            buckets[split].append(buckets["train"].pop())
+            log.warning("curate %s: no document hashed into %s; moved one from train", name, split)
+    caps = {"train": train_budget, "val": c.max_eval_chars, "test": c.max_eval_chars}
+    for split in SPLITS:
+        buckets[split] = _cap(buckets[split], caps[split])
+    for split in SPLITS:
+        if not buckets[split]:
+            raise FlexoError(
+                f"curate {name}: the {split} split is empty ({sum(map(len, buckets.values()))} documents in all): "
+                f"add documents to {layout.owner_inbox(name)} or lower curate.val_fraction/test_fraction"
+            )
+
+    stats = {}
+    # The test split goes to data/heldout/<name>/ first: a crash between the two renames leaves the
+    # curated folder missing, so DVC reruns the stage rather than pairing a new test split with old data.
+    with atomic_dir(layout.heldout(name)) as held:
+        _write_split(held / "test.jsonl", buckets["test"], stats, "test", token_counter)
+    with atomic_dir(layout.curated(name)) as tmp:
+        for split in ("train", "val"):
+            _write_split(tmp / f"{split}.jsonl", buckets[split], stats, split, token_counter)
+        stats = {s: stats[s] for s in SPLITS}
+        by_source: dict[str, int] = {}
+        for split in SPLITS:
+            for r in buckets[split]:
+                by_source[r["source"]] = by_source.get(r["source"], 0) + 1
+        manifest = {
+            "name": name,
+            "sources": records,
+            "inbox": {
+                "folder": f"data/owners/{name}" if name != PUBLIC else None,
+                "files": inbox.files,
+                "documents": inbox.documents,
+                "skipped_files": inbox.skipped_files,
+                "skipped": inbox.skipped,
+            },
+            "documents_by_source": by_source,
+            "splits": stats,
+            "dropped": dropped,
+            "params": {k: getattr(c, k) for k in c.__dataclass_fields__},
+            "train_budget_chars": train_budget,
+            "tokens_note": None if token_counter else "counted by the tokenizer stage (models/tokenizer/manifest.json)",
+            "wall_s": round(time.time() - started, 1),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    log.info("curated %s: %s", name, {s: stats[s]["documents"] for s in SPLITS})
+    return manifest
+
+
+def _write_split(path: Path, rows: list[dict], stats: dict, split: str, token_counter) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    texts = [r["text"] for r in rows]
+    stats[split] = {
+        "documents": len(texts),
+        "characters": sum(map(len, texts)),
+        "tokens": token_counter(texts) if token_counter else None,
+        "sha256": sha256_file(path),
+    }
+
+
+def _chain(first: Iterable[Doc], second: Iterable[Doc]) -> Iterator[Doc]:
+    yield from first
+    yield from second
+
+
+def _cap(rows: list[dict], max_chars: int) -> list[dict]:
+    """Keep a deterministic, hash-ordered subset within the character budget (inbox rows first)."""
+    ordered = sorted(rows, key=lambda r: (r["source"] != "inbox", hashlib.sha256(r["text"].encode()).hexdigest()))
+    kept, total = [], 0
+    for r in ordered:
+        if total + len(r["text"]) > max_chars and kept:
+            break
+        kept.append(r)
+        total += len(r["text"])
+    return kept
+
+
+def read_split(layout: Layout, name: str, split: str) -> list[str]:
+    """The texts of one curated split (a FlexoError naming the stage to run if it is missing)."""
+    path = layout.split_file(name, split)
+    if not path.is_file():
+        raise FlexoError(f"{path} is missing: run `flexo curate --owner {name}` first")
+    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise FlexoError(f"{path} is empty: rerun `flexo curate --owner {name}` with more documents")
+    return texts

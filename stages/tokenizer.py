@@ -1,0 +1,73 @@
+"""Stage `tokenizer`: a byte-level BPE tokenizer trained on the public train split only.
+
+    flexo tokenizer
+
+No owner's data ever touches it (its DVC stage depends only on data/curated/public), so every owner
+and the merged model share one vocabulary without leaking anything. Saved as a transformers tokenizer
+in `models/tokenizer/` (loads with `AutoTokenizer.from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from flexo.errors import FlexoError
+from flexo.fsutil import atomic_dir, write_json
+from flexo.layout import Layout
+from flexo.params import PUBLIC, Params
+from stages.curate import read_split
+
+EOS = "<|endoftext|>"
+# The pad token must differ from EOS: transformers gives the pad id an embedding `padding_idx`,
+# which freezes that row; EOS has to stay trainable.
+PAD = "<|pad|>"
+
+
+def train_tokenizer(params: Params, layout: Layout) -> dict:
+    started = time.time()
+    texts = read_split(layout, PUBLIC, "train")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=params.tokenizer.vocab_size,
+        min_frequency=params.tokenizer.min_frequency,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, pad_token=PAD, unk_token=None)
+    tok.model_max_length = 1_000_000  # lm-eval's rolling windows decide the length, not the tokenizer
+
+    n_tokens = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+    chars = sum(map(len, texts))
+    manifest = {
+        "trained_on": "data/curated/public/train.jsonl",
+        "vocab_size": len(tok),
+        "documents": len(texts),
+        "characters": chars,
+        "tokens": n_tokens,
+        "chars_per_token": round(chars / max(1, n_tokens), 3),
+        "eos": EOS,
+        "pad": PAD,
+        "wall_s": round(time.time() - started, 1),
+    }
+    with atomic_dir(layout.tokenizer) as tmp:
+        tok.save_pretrained(tmp)
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def load_tokenizer(layout: Layout) -> PreTrainedTokenizerBase:
+    if not (layout.tokenizer / "tokenizer.json").is_file():
+        raise FlexoError(f"no tokenizer in {layout.tokenizer}: run `flexo tokenizer` first")
+    return AutoTokenizer.from_pretrained(layout.tokenizer)
+
+
+def count_tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> int:
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])

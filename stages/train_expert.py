@@ -1,0 +1,123 @@
+"""Stage `train-expert`: one owner's expert, trained coupled to the frozen public model (FlexOlmo §3.2).
+
+    flexo train-expert --owner math [--no-resume]
+
+Builds the 2-expert model (expert 0 = public FFN, expert 1 = a copy; router rows [r_pub, r_owner] in
+every layer; top-2 of 2) and trains only expert 1's FFN and r_owner. Embeddings, attention, norms and
+LM head are frozen (requires_grad=False); expert 0 and r_pub share fused tensors with the trainable
+slice, so they are frozen by a gradient mask with weight decay 0 and stay bit-identical — checked
+before anything is written. Reads only this owner's data plus public artifacts (the public model,
+tokenizer, router rows and, for `public_mix`, public text).
+
+Writes `models/experts/<owner>/`: `model/` (the owner's full 2-expert model), the expert package
+(`expert.safetensors` + `expert.json`) and `loss.csv`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from flexo.errors import FlexoError
+from flexo.fsutil import atomic_dir, read_json
+from flexo.layout import Layout
+from flexo.modeling import (
+    coupled_model, expert_tensors, fingerprint, load_model, read_meta, read_router_row, write_expert_package,
+    write_meta,
+)
+from flexo.params import PUBLIC, Params
+from flexo.training import Batches, drop_checkpoint, pack, train, write_loss_log
+from stages.curate import read_split
+from stages.tokenizer import load_tokenizer
+
+
+def load_public(layout: Layout, *, verify: bool = True):
+    """The public model and its manifest; `verify` recomputes the fingerprint to catch a changed model."""
+    meta = read_meta(layout.public_model)
+    if verify:
+        actual = fingerprint(layout.public_model)
+        if actual != meta.get("fingerprint"):
+            raise FlexoError(
+                f"public model fingerprint mismatch in {layout.public_model}: flexo.json says "
+                f"{str(meta.get('fingerprint'))[:12]}…, the weights hash to {actual[:12]}…: rerun `flexo train-public`"
+            )
+    return load_model(layout.public_model), meta
+
+
+def owner_trainables(model) -> tuple[dict, dict]:
+    """Freeze everything but the MoE tensors; mask index 0 (the public expert and r_pub) out of their grads."""
+    trainable, masks = {}, {}
+    for name, p in model.named_parameters():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")):
+            mask = torch.ones_like(p)
+            mask[0] = 0.0
+            trainable[name], masks[name] = p, mask
+        else:
+            p.requires_grad_(False)
+    return trainable, masks
+
+
+def check_public_parts_unchanged(model, public) -> None:
+    """Every frozen tensor, expert 0 and r_pub must equal the public model's bit for bit."""
+    pub = public.state_dict()
+    for name, t in model.state_dict().items():
+        ref = pub[name]
+        same = torch.equal(t[:1], ref) if t.shape != ref.shape else torch.equal(t, ref)
+        if not same:
+            raise FlexoError(f"{name}: the public part moved during owner training (weight decay or mask bug)")
+
+
+def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = True, on_step=None) -> dict:
+    params.check_owner(owner)
+    started = time.time()
+    tokenizer = load_tokenizer(layout)
+    public, public_meta = load_public(layout)
+    r_owner = read_router_row(layout.router_embedding(owner), public.config.hidden_size)
+    model = coupled_model(public, r_owner)
+    trainable, masks = owner_trainables(model)
+
+    tp = params.train_expert
+    seq = params.model.max_seq_len
+    train_blocks = pack(tokenizer, read_split(layout, owner, "train"), seq, f"{owner} train split")
+    val_blocks = pack(tokenizer, read_split(layout, owner, "val"), seq, f"{owner} val split")
+    # Public text in every owner batch teaches r_owner to lose to r_pub on public-like text (SPEC §4);
+    # it is public data, so the owner's stage still reads no other owner's data.
+    mix = pack(tokenizer, read_split(layout, PUBLIC, "train"), seq, "public train split") if tp.public_mix else None
+    data_manifest = read_json(layout.curated(owner) / "manifest.json", what="curated manifest")
+    result = train(
+        model, Batches(train_blocks, tp.batch_size, tp.seed, mix, tp.public_mix), val_blocks, tp,
+        trainable=trainable, grad_masks=masks, ckpt_dir=layout.checkpoints(f"expert-{owner}"),
+        key_parts={"stage": "train_expert", "owner": owner, "public": public_meta["fingerprint"],
+                   "data": data_manifest["splits"]["train"]["sha256"]},
+        resume=resume, desc=f"train-expert {owner}", on_step=on_step,
+    )
+    check_public_parts_unchanged(model, public)
+
+    out = layout.expert(owner)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        write_meta(tmp / "model", {"kind": "owner", "experts": [PUBLIC, owner], "top_k": 2,
+                                   "fingerprint": public_meta["fingerprint"]})
+        cfg = model.config
+        package = write_expert_package(tmp, expert_tensors(model, 1), {
+            "owner": owner,
+            "format": "flexo-expert-v1",
+            "public_fingerprint": public_meta["fingerprint"],
+            "num_layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "steps": result.steps,
+            "tokens_seen": result.tokens,
+            "public_mix": tp.public_mix,
+            "train_loss": round(result.train_loss, 5),
+            "val_loss": round(result.val_loss, 5),
+            "initial_val_loss": round(result.initial_val_loss, 5),
+            "tokens_per_s": result.tokens_per_s,
+            "data_manifest_sha256": {s: data_manifest["splits"][s]["sha256"] for s in ("train", "val")},
+            "wall_s": round(time.time() - started, 1),
+        })
+        write_loss_log(tmp / "loss.csv", result.log)
+    drop_checkpoint(layout.checkpoints(f"expert-{owner}"))
+    return package
