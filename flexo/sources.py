@@ -419,26 +419,34 @@ def _unpack_deb(src: Source, deb: Path, dest: Path, wanted: Callable[[str], bool
     return n
 
 
-def _patch_mathematics_dataset(unpacked: Path) -> None:
-    """Make DeepMind's 2019 generator run on numpy 2 and sympy >= 1.7, in our cached copy only.
+# (file, regex, replacement, expected number of substitutions)
+_MATHEMATICS_DATASET_PATCHES = (
+    # numpy 2 removed ndarray.itemset and the np.object alias.
+    ("sample/polynomials.py", r"(\w+)\.itemset\(([^,()]+), ([^()]+)\)", r"\1[\2] = \3", 2),
+    ("sample/polynomials.py", r"\bnp\.object\b(?!_)", "object", 3),
+    # sympy >= 1.7 moved base_solution_linear into a submodule.
+    ("sample/polynomials.py", r"from sympy\.solvers\.diophantine import base_solution_linear",
+     "from sympy.solvers.diophantine.diophantine import base_solution_linear", 1),
+    # A set of Entity objects (hashed by id, so ordered by memory address) is shuffled into the
+    # question text: keep insertion order instead, or the same seed gives different text.
+    ("util/composition.py", r"entities = set\(context\.child_entities\)",
+     "entities = dict.fromkeys(context.child_entities)", 1),
+    ("util/composition.py", r"entities\.add\(maybe_entity\)", "entities[maybe_entity] = None", 1),
+)
 
-    numpy 2 removed ``ndarray.itemset`` and ``np.object``; sympy moved ``base_solution_linear``
-    into ``sympy.solvers.diophantine.diophantine``.
-    """
-    path = unpacked / "mathematics_dataset" / "sample" / "polynomials.py"
-    text = path.read_text(encoding="utf-8")
-    text, n_itemset = re.subn(r"(\w+)\.itemset\(([^,()]+), ([^()]+)\)", r"\1[\2] = \3", text)
-    text, n_object = re.subn(r"\bnp\.object\b(?!_)", "object", text)
-    text, n_dioph = re.subn(r"from sympy\.solvers\.diophantine import base_solution_linear",
-                            "from sympy.solvers.diophantine.diophantine import base_solution_linear",
-                            text)
-    if (n_itemset, n_object, n_dioph) != (2, 3, 1):
-        raise SourceError(
-            "source 'deepmind-math': mathematics_dataset/sample/polynomials.py is not the 1.0.1 "
-            f"file the numpy-2 patch expects (itemset {n_itemset}/2, np.object {n_object}/3, "
-            f"diophantine {n_dioph}/1); delete the cache folder and refetch"
-        )
-    path.write_text(text, encoding="utf-8")
+
+def _patch_mathematics_dataset(unpacked: Path) -> None:
+    """Make DeepMind's 2019 generator run on numpy 2 / sympy 1.14 and make it reproducible; only
+    our cached copy is edited, never site-packages."""
+    for rel, pattern, repl, expected in _MATHEMATICS_DATASET_PATCHES:
+        path = unpacked / "mathematics_dataset" / rel
+        text, n = re.subn(pattern, repl, path.read_text(encoding="utf-8"))
+        if n != expected:
+            raise SourceError(
+                f"source 'deepmind-math': {rel} is not the 1.0.1 file the patch expects "
+                f"({pattern!r} matched {n}/{expected}); delete the cache folder and refetch"
+            )
+        path.write_text(text, encoding="utf-8")
 
 
 # Fix-ups applied to a package's unpacked copy before it is declared complete.
@@ -1247,19 +1255,25 @@ def iter_documents(source_id: str, cache_dir: Path, *, seed: int = 0,
     """Yield the source's documents in a deterministic order; stop after about max_chars
     characters of text.
 
-    The order depends only on ``seed`` (file lists and record groups are shuffled with
-    ``random.Random(seed)``, so a capped read samples the whole source rather than its first
-    file).  Reading stops as soon as the running total reaches ``max_chars``: the last document
-    may overshoot by its own length.  Empty documents are never yielded.
+    The order depends only on ``seed`` (file lists and record groups are shuffled with a
+    ``random.Random`` seeded from the source id and ``seed``, so a capped read samples the whole
+    source rather than its first file).  Reading stops as soon as the running total reaches
+    ``max_chars``: the last document may overshoot by its own length.  Empty documents are never
+    yielded.  An unknown id raises SourceError here, at the call; the download happens on the
+    first ``next()``.
     """
     src = _source(source_id)
+    return _iter_documents(src, Path(cache_dir).absolute(), seed, max_chars)
+
+
+def _iter_documents(src: Source, cache_dir: Path, seed: int,
+                    max_chars: int | None) -> Iterator[RawDocument]:
     if max_chars is not None and max_chars <= 0:
         return
-    root, _ = fetch(source_id, cache_dir)
-    ctx = _Ctx(root, src, seed, random.Random(f"{source_id}:{seed}"), max_chars,
-               Path(cache_dir).absolute())
+    root, _ = fetch(src.id, cache_dir)
+    ctx = _Ctx(root, src, seed, random.Random(f"{src.id}:{seed}"), max_chars, cache_dir)
     total = 0
-    for doc in _EXTRACTORS[source_id](ctx):
+    for doc in _EXTRACTORS[src.id](ctx):
         if not doc.text.strip():
             continue
         yield doc

