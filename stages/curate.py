@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 INBOX_SUFFIXES = (".txt", ".jsonl")
+SPLIT_RUN = 4  # consecutive pieces of one document that always share a split
 
 
 @dataclass
@@ -156,23 +157,35 @@ def read_inbox(folder: Path) -> tuple[list[Doc], InboxReport]:
 
 # ------------------------------------------------------------------------------------------------ stage
 def _packaged_docs(domain: str, cache: Path, char_budget: int, seed: int) -> tuple[Iterator[Doc], list]:
+    """A domain's packaged documents: an equal share of the budget per source first, then whatever a
+    short source could not fill goes to the sources that still have text (a second, resumed pass)."""
     ids = sources.DOMAIN_SOURCES.get(domain, ())
-    records = []
+    records: list[dict] = []
 
     def gen() -> Iterator[Doc]:
         share = char_budget // max(1, len(ids))
+        taken = {sid: [0, 0] for sid in ids}  # documents, characters
         for sid in ids:
             _, record = sources.fetch(sid, cache)
             records.append(record.to_dict())
-            n = 0
             for raw in sources.iter_documents(sid, cache, seed=seed, max_chars=share):
-                n += 1
+                taken[sid][0] += 1
+                taken[sid][1] += len(raw.text)
                 yield Doc(raw.text, raw.source_id, raw.origin)
-            if n == 0:
+            if taken[sid][0] == 0:
                 raise FlexoError(
                     f"source {sid!r} ({domain}) yielded no documents: delete {cache} to refetch it, "
                     "or remove it from flexo.sources.DOMAIN_SOURCES"
                 )
+        for sid in ids:
+            deficit = char_budget - sum(c for _, c in taken.values())
+            if deficit <= 0 or taken[sid][1] < share:  # budget met, or this source is exhausted
+                continue
+            skip, chars = taken[sid]
+            for i, raw in enumerate(sources.iter_documents(sid, cache, seed=seed, max_chars=chars + deficit)):
+                if i >= skip:  # iter_documents is deterministic: the first `skip` were yielded already
+                    taken[sid][1] += len(raw.text)
+                    yield Doc(raw.text, raw.source_id, raw.origin)
 
     return gen(), records
 
@@ -210,8 +223,10 @@ def curate(name: str, params: Params, layout: Layout, *, token_counter=None,
     for doc in _chain(stream, packaged):
         bar.update()
         text = clean_text(doc.text)
-        split = split_of(f"{doc.source_id}:{doc.origin}", c.val_fraction, c.test_fraction)
         for i, piece in enumerate(chunk(text, c.chunk_chars)):
+            # Split by origin in runs of a few pieces: a short document stays whole in one split, and a
+            # long one (a play, a speech) still spreads over all three instead of landing whole in one.
+            split = split_of(f"{doc.source_id}:{doc.origin}#{i // SPLIT_RUN}", c.val_fraction, c.test_fraction)
             if len(piece) < c.min_doc_chars:
                 dropped["tiny"] += 1
                 continue

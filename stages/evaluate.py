@@ -1,0 +1,388 @@
+"""Stage `evaluate`: bits-per-byte of every model on every domain's held-out test split, with lm-eval.
+
+    flexo evaluate                                  # the DVC stage: every model, tables and figures
+    flexo evaluate --model DIR [--limit N]          # one model folder on the domains suite
+    flexo evaluate --suite flexolmo31 [--model DIR] # the paper's 31-task suite (flexo.benchmarks)
+
+The DVC stage evaluates, on the public domain and every owner's domain (`data/heldout/<name>/test.jsonl`
+only — never an owner's train or val split):
+
+- `public`: the public model; `flexolmo`: the merged model (`models/merged`); `flexolmo-rt`: the
+  router-tuned one (`models/merged-rt`, when it exists and was tuned);
+- with `evaluate.baselines`: `soup` (the average of all expert FFNs in one dense model), `btm` (the
+  posterior-weighted ensemble of the public model and every owner's own model, see
+  :mod:`flexo.baselines`), `expert:<owner>` (each owner's own 2-expert model) and `optout:<owner>`
+  (the merged model with that owner's router logit masked to −inf in every layer at run time: the
+  model is loaded once and each opt-out is a mask, :func:`flexo.serving.runtime_opt_out`).
+
+Writes `results/metrics.json` (DVC metrics: `bpb` {model: {domain: bits-per-byte}}, `avg_owner_bpb`
+{model: mean over owner domains}, `wall_s`, `eval_s` per model), `results/table.md` (best per column in
+bold), `results/bpb.png`, `results/optout.md` + `results/optout.png` (each opt-out's change vs the full
+merged model), lm-eval's raw results per model in `results/lm_eval/<model>.json` and the generated task
+folder `results/tasks/domains/`. Every file is written to a temp name and renamed. A `--model` run writes
+its raw results to `results/adhoc/` and touches none of the stage's outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from flexo.errors import FlexoError
+from flexo.evaluation import (
+    default_device, domains_tasks_dir, evaluate_model, load_tokenizer_for, write_domain_tasks,
+)
+from flexo.fsutil import atomic_file, atomic_path, write_json
+from flexo.layout import Layout
+from flexo.params import PUBLIC, Params
+
+log = logging.getLogger(__name__)
+
+SUITES = ("domains", "flexolmo31")
+AVG = "avg (owners)"
+
+
+def model_file_name(name: str) -> str:
+    """`expert:code` → `expert-code` (a file name without ':')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def _effective_limit(params: Params, limit: int | None) -> int | None:
+    value = params.evaluate.limit if limit is None else int(limit)
+    if value < 0:
+        raise FlexoError(f"--limit must be >= 0 (0 = every document), got {value}")
+    return value or None
+
+
+def _require_model(path: Path, what: str, stage: str) -> Path:
+    if not (Path(path) / "config.json").is_file():
+        raise FlexoError(f"no {what} in {path}: run `flexo {stage}` first")
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------- the plan
+class _Job:
+    """One row of the table: a name and how to get an evaluable object (model or lm-eval LM)."""
+
+    def __init__(self, name: str, make: Callable[[], contextlib.AbstractContextManager]):
+        self.name, self.make = name, make
+
+
+def _plan(params: Params, layout: Layout, tokenizer, cache: "_ModelCache") -> list[_Job]:
+    from flexo.modeling import read_meta
+
+    merged = _require_model(layout.merged, "merged model", "merge")
+    jobs = [_Job("public", lambda: cache.use(layout.public_model)),
+            _Job("flexolmo", lambda: cache.use(merged))]
+    rt = layout.merged_rt
+    if (rt / "config.json").is_file() and (rt / "flexo.json").is_file() and read_meta(rt).get("tuned", True) is not False:
+        jobs.append(_Job("flexolmo-rt", lambda: cache.use(rt)))
+    if not params.evaluate.baselines:
+        return jobs
+
+    expert_models = {o: _require_model(layout.expert(o) / "model", f"model of owner {o!r}", f"train-expert --owner {o}")
+                     for o in params.owners}
+
+    @contextlib.contextmanager
+    def soup():
+        from flexo.baselines import model_soup
+
+        yield model_soup(layout.public_model, [layout.expert(o) for o in params.owners]).to(default_device())
+
+    @contextlib.contextmanager
+    def btm():
+        from flexo.baselines import BTMLM
+
+        with contextlib.ExitStack() as stack:
+            members = [stack.enter_context(cache.use(p)) for p in [layout.public_model, *expert_models.values()]]
+            yield BTMLM(members, tokenizer=tokenizer, names=[PUBLIC, *params.owners],
+                        batch_size=params.evaluate.batch_size, max_length=params.evaluate.max_length)
+
+    def optout(owner: str):
+        @contextlib.contextmanager
+        def make():
+            from flexo.serving import runtime_opt_out
+
+            experts = list(read_meta(merged).get("experts") or [])
+            if owner not in experts:
+                raise FlexoError(f"owner {owner!r} is not an expert of {merged} ({experts}): rerun `flexo merge`")
+            with cache.use(merged) as model, runtime_opt_out(model, experts, [owner]):
+                yield model
+        return make
+
+    jobs += [_Job("soup", soup), _Job("btm", btm)]
+    jobs += [_Job(f"expert:{o}", (lambda p=p: cache.use(p))) for o, p in expert_models.items()]
+    jobs += [_Job(f"optout:{o}", optout(o)) for o in params.owners]
+    return jobs
+
+
+# Run order (not table order): each model folder is loaded once and dropped after its last use, so
+# the public model lives from `public` to `btm`, owners' models from `btm` through `expert:*`, and the
+# merged model from `flexolmo` through the opt-outs.
+_RUN_ORDER = ("public", "btm", "expert:", "soup", "flexolmo", "optout:", "flexolmo-rt")
+
+
+def _run_order(job: _Job) -> int:
+    if job.name in _RUN_ORDER:
+        return _RUN_ORDER.index(job.name)
+    return next(i for i, p in enumerate(_RUN_ORDER) if p.endswith(":") and job.name.startswith(p))
+
+
+class _ModelCache:
+    """Loads each model folder once and keeps it while a later job of the plan still needs it."""
+
+    def __init__(self):
+        self.models: dict[Path, Any] = {}
+        self.pending: dict[Path, int] = {}
+
+    def expect(self, path: Path, times: int = 1) -> None:
+        self.pending[Path(path)] = self.pending.get(Path(path), 0) + times
+
+    @contextlib.contextmanager
+    def use(self, path: Path) -> Iterator[Any]:
+        from flexo.modeling import load_model
+
+        path = Path(path)
+        if path not in self.models:
+            self.models[path] = load_model(path).to(default_device())
+        try:
+            yield self.models[path]
+        finally:
+            self.pending[path] = self.pending.get(path, 1) - 1
+            if self.pending[path] <= 0:
+                self.models.pop(path, None)
+                gc.collect()
+
+
+def _count_uses(params: Params, layout: Layout, cache: _ModelCache, jobs: list[_Job]) -> None:
+    names = [j.name for j in jobs]
+    cache.expect(layout.public_model, 1 + ("btm" in names))
+    cache.expect(layout.merged, 1 + sum(n.startswith("optout:") for n in names))
+    if "flexolmo-rt" in names:
+        cache.expect(layout.merged_rt)
+    for o in params.owners:
+        cache.expect(layout.expert(o) / "model", (f"expert:{o}" in names) + ("btm" in names))
+
+
+# ------------------------------------------------------------------------------------------- the stage
+def evaluate(params: Params, layout: Layout, *, suite: str = "domains", model: Path | None = None,
+             limit: int | None = None) -> dict:
+    """Evaluate one model folder (`model`) or, with none, every model of the pipeline (the DVC stage)."""
+    if suite not in SUITES:
+        raise FlexoError(f"unknown suite {suite!r}: choose one of {list(SUITES)}")
+    limit = _effective_limit(params, limit)
+    if suite == "flexolmo31":
+        return _evaluate_flexolmo31(params, layout, model=model, limit=limit)
+    domains = [PUBLIC, *params.owners]
+    if model is not None:
+        return _evaluate_one(params, layout, Path(model), domains, limit)
+    return _evaluate_all(params, layout, domains, limit)
+
+
+def _evaluate_one(params: Params, layout: Layout, model_dir: Path, domains: list[str], limit: int | None) -> dict:
+    started = time.time()
+    model_dir = _require_model(model_dir, "model", "train-public")
+    tokenizer = load_tokenizer_for(model_dir, layout.tokenizer)
+    tasks_dir = write_domain_tasks(layout, domains, domains_tasks_dir(layout))
+    raw = layout.results / "adhoc" / f"{model_file_name(model_dir.resolve().name)}.domains.json"
+    scores = evaluate_model(model_dir, tokenizer, tasks_dir, limit=limit, batch_size=params.evaluate.batch_size,
+                            max_length=params.evaluate.max_length, raw_out=raw)
+    owners = [d for d in domains if d != PUBLIC]
+    return {"model": str(model_dir), "suite": "domains", "limit": limit or 0,
+            "bpb": {d: round(v, 6) for d, v in scores.items()},
+            "avg_owner_bpb": round(_mean([scores[d] for d in owners]), 6),
+            "lm_eval_results": str(raw), "wall_s": round(time.time() - started, 1)}
+
+
+def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int | None) -> dict:
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    tokenizer = load_tokenizer_for(layout.public_model, layout.tokenizer)
+    tasks_dir = write_domain_tasks(layout, domains, domains_tasks_dir(layout))
+    cache = _ModelCache()
+    jobs = _plan(params, layout, tokenizer, cache)
+    _count_uses(params, layout, cache, jobs)
+    ev = params.evaluate
+    bpb: dict[str, dict[str, float]] = {}
+    eval_s: dict[str, float] = {}
+    bar = tqdm(sorted(jobs, key=_run_order), desc="evaluate", unit="model")
+    for job in bar:
+        bar.set_postfix_str(job.name)
+        t0 = time.time()
+        with job.make() as obj:
+            scores = evaluate_model(obj, tokenizer, tasks_dir, limit=limit, batch_size=ev.batch_size,
+                                    max_length=ev.max_length, domains=domains,
+                                    raw_out=layout.results / "lm_eval" / f"{model_file_name(job.name)}.json")
+        bpb[job.name] = {d: round(scores[d], 6) for d in domains}
+        eval_s[job.name] = round(time.time() - t0, 1)
+        bar.write(f"evaluate {job.name}: " + ", ".join(f"{d} {v:.3f}" for d, v in bpb[job.name].items())
+                  + f" ({eval_s[job.name]:.0f}s)")
+    bpb = {j.name: bpb[j.name] for j in jobs}  # back to the plan's (table) order
+    eval_s = {j.name: eval_s[j.name] for j in jobs}
+    owners = list(params.owners)
+    avg = {m: round(_mean([s[d] for d in owners]), 6) for m, s in bpb.items()}
+    metrics = {"bpb": bpb, "avg_owner_bpb": avg, "wall_s": round(time.time() - started, 1), "eval_s": eval_s,
+               "limit": limit or 0, "max_length": ev.max_length}
+
+    out = layout.results
+    write_json(out / "metrics.json", metrics)
+    with atomic_file(out / "table.md") as f:
+        f.write(render_table(bpb, domains, owners, limit=limit, max_length=ev.max_length))
+    optout = {m: s for m, s in bpb.items() if m.startswith("optout:")}
+    with atomic_file(out / "optout.md") as f:
+        f.write(render_optout(optout, bpb["flexolmo"], domains, owners))
+    plot_bpb(out / "bpb.png", bpb, domains, owners)
+    plot_optout(out / "optout.png", optout, bpb["flexolmo"], domains)
+    metrics["outputs"] = [str(out / n) for n in ("metrics.json", "table.md", "bpb.png", "optout.md", "optout.png")]
+    return metrics
+
+
+def _evaluate_flexolmo31(params: Params, layout: Layout, *, model: Path | None, limit: int | None) -> dict:
+    from flexo.benchmarks import prepare_benchmarks, run_flexolmo31
+
+    tasks_dir = prepare_benchmarks(layout.downloads, layout.root / "data" / "benchmarks")
+    if model is not None:
+        model_dir = _require_model(Path(model), "model", "train-public")
+        out = layout.results / "adhoc" / f"{model_file_name(model_dir.resolve().name)}.flexolmo31.json"
+        return {str(model_dir): run_flexolmo31(model_dir, tasks_dir, limit=limit, out_path=out)}
+    targets = {"public": layout.public_model, "flexolmo": layout.merged, "flexolmo-rt": layout.merged_rt}
+    summary = {}
+    for name, path in targets.items():
+        if (path / "config.json").is_file():
+            summary[name] = run_flexolmo31(path, tasks_dir, limit=limit,
+                                           out_path=layout.results / "flexolmo31" / f"{name}.json")
+    if not summary:
+        raise FlexoError("no model to evaluate: run `flexo train-public` and `flexo merge` first")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- reports
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def render_table(bpb: dict[str, dict[str, float]], domains: list[str], owners: list[str], *,
+                 limit: int | None, max_length: int) -> str:
+    """Markdown: rows = models, columns = domains + the mean over owner domains; best per column bold."""
+    cols = [*domains, AVG]
+    rows = {m: [s[d] for d in domains] + [_mean([s[d] for d in owners])] for m, s in bpb.items()}
+    best = [min(round(r[i], 3) for r in rows.values()) for i in range(len(cols))]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for m, r in rows.items():
+        cells = [f"**{v:.3f}**" if round(v, 3) == best[i] else f"{v:.3f}" for i, v in enumerate(r)]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    docs = f"the first {limit} documents" if limit else "all documents"
+    caption = (
+        f"Bits per byte (lower is better) on each domain's held-out test split ({docs} of "
+        "`data/heldout/<domain>/test.jsonl`), measured with lm-eval `loglikelihood_rolling` in rolling windows of "
+        f"{max_length} tokens; **bold** = best in the column; `{AVG}` = mean over the owner domains "
+        f"({', '.join(owners)}). public = the public dense model; flexolmo = the merged MoE (-rt: router-tuned); "
+        "soup = all expert FFNs averaged into one dense model; btm = posterior-weighted ensemble of the public "
+        "model and every owner's model; expert:X = owner X's own 2-expert model; optout:X = the merged model "
+        "with X's expert masked out at run time."
+    )
+    return caption + "\n\n" + "\n".join(lines) + "\n"
+
+
+def render_optout(optout: dict[str, dict[str, float]], full: dict[str, float], domains: list[str],
+                  owners: list[str]) -> str:
+    head = ("Opt-out: bits per byte of the merged model with one owner's expert masked out at run time, and "
+            "in parentheses the change vs the full merged model (positive = worse). An opted-out owner's own "
+            "domain is expected to get worse and the others to change little.\n\n")
+    if not optout:
+        return head + "No opt-out was evaluated (`evaluate.baselines: false`).\n"
+    lines = ["| model | " + " | ".join(domains) + f" | {AVG} |", "|---|" + "---:|" * (len(domains) + 1)]
+    full_avg = _mean([full[d] for d in owners])
+    lines.append("| flexolmo | " + " | ".join(f"{full[d]:.3f}" for d in domains) + f" | {full_avg:.3f} |")
+    for m, s in optout.items():
+        avg = _mean([s[d] for d in owners])
+        cells = [f"{s[d]:.3f} ({s[d] - full[d]:+.3f})" for d in domains] + [f"{avg:.3f} ({avg - full_avg:+.3f})"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def plot_bpb(path: Path, bpb: dict[str, dict[str, float]], domains: list[str], owners: list[str]) -> None:
+    """Grouped bars: one group per domain (+ the owner average), one bar per model."""
+    plt = _pyplot()
+    groups = [*domains, AVG]
+    models = list(bpb)
+    values = {m: [bpb[m][d] for d in domains] + [_mean([bpb[m][d] for d in owners])] for m in models}
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(groups) * max(1, len(models)) * 0.35 + 2), 4.5))
+    cmap = plt.get_cmap("tab20")
+    for i, m in enumerate(models):
+        xs = [g + (i - (len(models) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, values[m], width=width, label=m, color=cmap(i % 20))
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title("Held-out bits per byte by domain")
+    ax.legend(fontsize=8, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_optout(path: Path, optout: dict[str, dict[str, float]], full: dict[str, float], domains: list[str]) -> None:
+    """For each opted-out owner, the change in bits per byte on every domain vs the full merged model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(domains) + 2), 4.0))
+    if not optout:
+        ax.text(0.5, 0.5, "no opt-out evaluated (evaluate.baselines: false)", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        width = 0.8 / len(optout)
+        cmap = plt.get_cmap("tab10")
+        for i, (m, s) in enumerate(optout.items()):
+            xs = [g + (i - (len(optout) - 1) / 2) * width for g in range(len(domains))]
+            ax.bar(xs, [s[d] - full[d] for d in domains], width=width, label=m, color=cmap(i % 10))
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(domains)), domains)
+        ax.set_ylabel("Δ bits per byte vs merged (positive = worse)")
+        ax.set_title("Opt-out: change per domain when one owner's expert is masked")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _cmd_evaluate(args) -> dict:
+    from flexo.cli import _ctx
+
+    params, layout = _ctx(args)
+    return evaluate(params, layout, suite=args.suite, model=args.model, limit=args.limit)
+
+
+def add_cli(subparsers) -> None:
+    """`flexo evaluate [--model DIR] [--suite domains|flexolmo31] [--limit N]`."""
+    text = ("evaluate models with lm-eval: bits per byte on every domain's held-out test split "
+            "(no --model: every pipeline model and baseline, tables and figures in results/)")
+    p = subparsers.add_parser("evaluate", help=text, description=text)
+    p.add_argument("--model", type=Path, default=None,
+                   help="evaluate only this model folder (raw results go to results/adhoc/)")
+    p.add_argument("--suite", choices=SUITES, default="domains",
+                   help="domains = held-out bits per byte (default); flexolmo31 = the paper's 31 tasks")
+    p.add_argument("--limit", type=int, default=None,
+                   help="documents (or items) per task; 0 = all (default: evaluate.limit)")
+    p.set_defaults(fn=_cmd_evaluate)

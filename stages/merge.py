@@ -1,0 +1,530 @@
+"""Stage `merge`: the public model plus n expert packages → one (1+n)-expert FlexOlmo (FlexOlmo §3.4).
+
+    flexo merge [--public DIR] [--expert DIR ...] [--exclude NAME ...] [--top-k K] [--out DIR]
+
+Shared weights (embeddings, attention, norms, LM head), FFN 0 and the router row r_pub come from the
+public model; owner i (in the order given, = params.yaml `owners`) contributes FFN i and router row i of
+every layer. No training, no data: the merge reads only the public model folder and the packages.
+
+Everything is checked before a byte is written (public fingerprint of every package, package hashes,
+shapes, dtypes, duplicate owners, NaN/Inf, top-k, exclusions), each failure a one-line FlexoError.
+The weights are then **streamed**: tensors are read one at a time with `safe_open` (lazy, mmap), and
+written shard by shard with `save_file` as a shard fills, so memory stays on the order of one layer
+plus one shard (`merge.shard_bytes`) — never the whole state dict. The output is written into a temp
+folder and renamed at the end, so a failed merge leaves no output folder.
+
+The output is a stock transformers folder (`AutoModelForCausalLM.from_pretrained`, no custom code):
+config.json, `model.safetensors` or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`
+(per-expert keys `model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`, the form
+`save_pretrained` writes), tokenizer and generation config copied from the public folder, `flexo.json`
+and a model card `README.md`. The shard writer, the weight reader and the card are shared with
+`stages/optout.py` and `stages/router_tune.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import FlexOlmoConfig
+
+from flexo.errors import FlexoError
+from flexo.fsutil import atomic_dir, sha256_file
+from flexo.layout import Layout
+from flexo.modeling import (
+    PACKAGE_META, PACKAGE_TENSORS, fingerprint, package_shapes, read_meta, read_package_meta,
+    with_experts, write_meta,
+)
+from flexo.params import PUBLIC, Params, validate_owner_name
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+FFN_PARTS = ("gate_proj", "up_proj", "down_proj")
+# Files a served model needs besides its weights and config (copied verbatim when present).
+SUPPORT_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+GUARANTEE_NOTE = (
+    "The router is softmax over all experts then top-k without renormalisation, so deleting an expert's FFN "
+    "and router row (flexo opt-out) or masking its router logit to -inf at serving time computes the same "
+    "function as a model that never contained that expert; no retraining is needed."
+)
+
+
+# ------------------------------------------------------------------------------------ reading weights
+class WeightReader:
+    """Lazy access to the tensors of a model folder (one or many safetensors files), one tensor at a time.
+
+    Use as a context manager; `get` reads one tensor from its (memory-mapped) file, `get_row` one slice
+    along the first dimension (one expert of a fused tensor, one router row)."""
+
+    def __init__(self, folder: Path, what: str):
+        self.folder = Path(folder)
+        self.what = what
+        self._handles: dict[Path, object] = {}
+        self.key_file: dict[str, Path] = {}
+
+    def __enter__(self) -> "WeightReader":
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise FlexoError(f"{self.what} {self.folder} holds no .safetensors weights: rerun the stage that writes it")
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+                keys = list(handle.keys())
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise FlexoError(f"{self.what}: {f} is not a readable safetensors file ({_first_line(e)}): "
+                                 "rerun the stage that writes it") from None
+            self._handles[f] = handle
+            for k in keys:
+                if k in self.key_file:
+                    raise FlexoError(f"{self.what}: tensor {k} is in both {self.key_file[k].name} and {f.name}: "
+                                     "remove the stale shard and rerun the stage that writes it")
+                self.key_file[k] = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handles.clear()
+
+    def keys(self) -> list[str]:
+        return list(self.key_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_file
+
+    def _handle(self, key: str):
+        if key not in self.key_file:
+            raise FlexoError(f"{self.what} {self.folder} lacks tensor {key}: it is not a complete flexo model; "
+                             "rerun the stage that writes it")
+        return self._handles[self.key_file[key]]
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle(key).get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise FlexoError(f"{self.what}: cannot read {key} ({_first_line(e)}): rerun the stage that writes it") from None
+
+    def get_row(self, key: str, index: int) -> torch.Tensor:
+        try:
+            return self._handle(key).get_slice(key)[index : index + 1][0]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise FlexoError(f"{self.what}: cannot read {key}[{index}] ({_first_line(e)}): rerun the stage that writes it") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return self._handle(key).get_slice(key).get_dtype()
+
+    def expert_ffn(self, layer: int, expert: int, inter: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Expert `expert`'s (part, tensor) for gate/up/down of one layer, per-expert or fused form."""
+        p = f"model.layers.{layer}.mlp.experts."
+        if f"{p}{expert}.gate_proj.weight" in self:
+            for part in FFN_PARTS:
+                yield part, self.get(f"{p}{expert}.{part}.weight")
+        else:  # the fused in-memory form [E, 2I, H] (gate rows first, then up) / [E, H, I]
+            gate_up = self.get_row(f"{p}gate_up_proj", expert)
+            yield "gate_proj", gate_up[:inter].contiguous()
+            yield "up_proj", gate_up[inter:].contiguous()
+            del gate_up
+            yield "down_proj", self.get_row(f"{p}down_proj", expert)
+
+    def num_layers(self) -> int:
+        return len({k.split(".")[2] for k in self.key_file if k.startswith("model.layers.")})
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def is_moe_key(key: str) -> bool:
+    return ".mlp.experts." in key or key.endswith(".mlp.gate.weight")
+
+
+def shared_keys(reader: WeightReader) -> tuple[list[str], dict[int, list[str]], list[str]]:
+    """Keys that are not per-expert, grouped: before the layers (embeddings), per layer, after (norm, head)."""
+    head, per_layer, tail = [], {}, []
+    for k in sorted(reader.keys()):
+        if is_moe_key(k):
+            continue
+        if k.startswith("model.layers."):
+            per_layer.setdefault(int(k.split(".")[2]), []).append(k)
+        elif k.startswith("model.embed_tokens."):
+            head.append(k)
+        else:
+            tail.append(k)
+    return head, per_layer, tail
+
+
+# ------------------------------------------------------------------------------------ writing weights
+class ShardWriter:
+    """Collects tensors in write order and saves a shard with `save_file` whenever the next tensor would
+    push it past `max_bytes` (a tensor larger than `max_bytes` gets a shard of its own). Holds at most one
+    shard's tensors. `close` names the shards as transformers does: a single `model.safetensors`, or
+    `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`.
+
+    Every tensor is checked for NaN/Inf on the way in (a FlexoError naming it)."""
+
+    def __init__(self, folder: Path, max_bytes: int, *, what: str = "merge"):
+        self.folder = Path(folder)
+        self.max_bytes = max(1, int(max_bytes))
+        self.what = what
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._parts: list[tuple[Path, list[str]]] = []
+        self._seen: set[str] = set()
+        self.total_bytes = 0
+        self.total_params = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._seen:
+            raise RuntimeError(f"{name} written twice")  # a bug in the caller, not user input
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FlexoError(f"{self.what}: tensor {name} holds NaN or Inf: retrain or re-export the model it comes from")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self._seen.add(name)
+        self._buffer[name] = tensor.contiguous()
+        self._buffer_bytes += nbytes
+        self.total_bytes += nbytes
+        self.total_params += tensor.numel()
+
+    def add_all(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in tensors:
+            self.add(name, tensor)
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        path = self.folder / f".shard-{len(self._parts) + 1:05d}.partial"
+        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        self._parts.append((path, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def close(self) -> dict:
+        self.flush()
+        n = len(self._parts)
+        if n == 0:
+            raise RuntimeError("no tensors were written")
+        if n == 1:
+            self._parts[0][0].rename(self.folder / SINGLE)
+            return {"files": [SINGLE], "total_size": self.total_bytes}
+        weight_map, files = {}, []
+        for i, (path, names) in enumerate(self._parts, start=1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / name)
+            files.append(name)
+            weight_map.update({k: name for k in names})
+        index = {"metadata": {"total_parameters": self.total_params, "total_size": self.total_bytes},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return {"files": files, "total_size": self.total_bytes}
+
+
+def copy_support_files(src: Path, dst: Path) -> list[str]:
+    """Tokenizer files and generation config of a model folder (a model without a tokenizer is refused)."""
+    copied = []
+    for name in SUPPORT_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    if not {"tokenizer.json", "tokenizer_config.json"} & set(copied):
+        raise FlexoError(f"{src} holds no tokenizer files: rerun the stage that wrote it (`flexo train-public`)")
+    return copied
+
+
+def write_config(config: FlexOlmoConfig, folder: Path) -> None:
+    config.norm_topk_prob = False  # FlexOlmo gating; also what makes opt-out exact
+    config.architectures = ["FlexOlmoForCausalLM"]
+    config.save_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------------------- model card
+def model_card(meta: dict) -> str:
+    """README.md of a merged model: the experts in router order, top-k, and how to opt one out."""
+    experts = meta["experts"]
+    training = meta.get("training") or {}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [flexolmo, mixture-of-experts, flexo]",
+        "---",
+        "",
+        f"# FlexOlmo {meta.get('kind', 'merged')} model ({len(experts)} experts, top-{meta['top_k']})",
+        "",
+        "Built by flexo from a public model and independently trained expert packages (FlexOlmo, "
+        "arXiv 2507.07024). A stock `FlexOlmoForCausalLM`: load it with "
+        "`AutoModelForCausalLM.from_pretrained(path)`, no custom code. Router: softmax over all experts, "
+        "top-k, no renormalisation (`norm_topk_prob: false`), no router bias (the paper's learnable "
+        "negative bias is left out so that stock transformers and vLLM load the model).",
+        "",
+        f"Public model fingerprint: `{meta.get('fingerprint')}`",
+        "",
+        "| router row | expert | package sha256 | steps | tokens | val loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, name in enumerate(experts):
+        if name == PUBLIC:
+            lines.append(f"| {i} | public | (public model) | | | |")
+            continue
+        t = training.get(name, {})
+        sha = (meta.get("packages") or {}).get(name, "")
+        lines.append(f"| {i} | {name} | `{sha[:16]}` | {t.get('steps', '')} | {t.get('tokens_seen', '')} | "
+                     f"{t.get('val_loss', '')} |")
+    if meta.get("opted_out"):
+        lines += ["", f"Opted out (removed from this model): {', '.join(meta['opted_out'])}."]
+    if meta.get("kind") == "merged-rt":
+        rt = meta.get("router_tune") or {}
+        lines += ["", "Router rows tuned on public proxy data only." if meta.get("tuned")
+                  else "Router tuning was disabled: the weights equal the merged model's.",
+                  *([f"Router tuning: {rt.get('steps')} steps on {rt.get('proxy_blocks')} blocks."] if rt else [])]
+    example = next((e for e in experts if e != PUBLIC), "OWNER")
+    lines += [
+        "",
+        "## Opting an expert out",
+        "",
+        f"Opt-out guarantee: **{meta.get('opt_out_guarantee')}**. {meta.get('opt_out_note', GUARANTEE_NOTE)}",
+        "",
+        "A new model folder without the expert (its FFN and router row deleted from every layer):",
+        "",
+        "```",
+        f"flexo opt-out --model <this folder> --exclude {example} --out <new folder>",
+        "```",
+        "",
+        "Or per request at serving time, without a new folder (the expert's router logit masked to -inf):",
+        "",
+        "```python",
+        "from flexo.serving import FlexoServer",
+        "server = FlexoServer('<this folder>')",
+        f"server.generate('Once upon a time', exclude=['{example}'])",
+        f"server.score('Some text.', exclude=['{example}'])",
+        "# or, on a loaded model: with flexo.serving.runtime_opt_out(model, experts, ['" + example + "']): ...",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: Path, meta: dict) -> None:
+    (Path(folder) / "README.md").write_text(model_card(meta), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------- the checks
+def _check_public(public: Path) -> tuple[FlexOlmoConfig, dict]:
+    public = Path(public)
+    if not (public / "config.json").is_file():
+        raise FlexoError(f"public model {public} not found (no config.json): run `flexo train-public` first")
+    meta = read_meta(public)
+    try:
+        config = FlexOlmoConfig.from_pretrained(public)
+    except (OSError, ValueError) as e:
+        raise FlexoError(f"public model {public}: config.json is unreadable ({_first_line(e)}): rerun `flexo train-public`") from None
+    if config.model_type != "flex_olmo" or config.num_experts != 1:
+        raise FlexoError(f"{public} is not a public model (a 1-expert flex_olmo; it has "
+                         f"{config.num_experts} experts): pass the public model folder with --public")
+    if not meta.get("fingerprint"):
+        raise FlexoError(f"public model {public}: flexo.json has no fingerprint: rerun `flexo train-public`")
+    try:
+        actual = fingerprint(public)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FlexoError(f"public model {public}: weights unreadable ({_first_line(e)}): rerun `flexo train-public`") from None
+    if actual != meta["fingerprint"]:
+        raise FlexoError(f"public model {public}: the weights' fingerprint {actual[:12]}… differs from flexo.json's "
+                         f"{meta['fingerprint'][:12]}…: the public model changed after it was written; rerun "
+                         "`flexo train-public`")
+    return config, meta
+
+
+def _read_package(folder: Path) -> dict:
+    folder = Path(folder)
+    if not (folder / PACKAGE_META).is_file():
+        raise FlexoError(f"{folder} is not an expert package (no {PACKAGE_META}): run `flexo train-expert` for "
+                         "that owner, or pass the package folder")
+    meta = read_package_meta(folder)
+    validate_owner_name(meta["owner"], f"expert package {folder}")
+    if meta["owner"] == PUBLIC:
+        raise FlexoError(f"expert package {folder} is named 'public', the name of expert 0: rename the owner")
+    return meta
+
+
+def _check_package(folder: Path, meta: dict, config: FlexOlmoConfig, public_fp: str, dtype: str) -> None:
+    """Fingerprint, hash, keys, shapes, dtypes and finiteness of one package (tensors read one at a time)."""
+    owner = meta["owner"]
+    where = f"expert package {folder} (owner {owner})"
+    if meta["public_fingerprint"] != public_fp:
+        raise FlexoError(f"{where} was trained against public model fingerprint {str(meta['public_fingerprint'])[:12]}…, "
+                         f"but this public model's fingerprint is {public_fp[:12]}…: retrain it with "
+                         f"`flexo train-expert --owner {owner}` against this public model")
+    want = (config.num_hidden_layers, config.hidden_size, config.intermediate_size)
+    got = (meta["num_layers"], meta["hidden_size"], meta["intermediate_size"])
+    if got != want:
+        raise FlexoError(f"{where} has (layers, hidden, intermediate) = {got} but the public model has {want}: "
+                         f"retrain it with `flexo train-expert --owner {owner}`")
+    path = folder / PACKAGE_TENSORS
+    if not path.is_file():
+        raise FlexoError(f"{where}: {PACKAGE_TENSORS} is missing: copy the whole package or retrain it")
+    if not meta.get("tensors_sha256"):
+        raise FlexoError(f"{where}: {PACKAGE_META} has no tensors_sha256: re-export it with `flexo train-expert`")
+    actual = sha256_file(path)
+    if actual != meta["tensors_sha256"]:
+        raise FlexoError(f"{where}: {PACKAGE_TENSORS} hashes to {actual[:12]}… but {PACKAGE_META} says "
+                         f"{meta['tensors_sha256'][:12]}… (corrupt or truncated copy): fetch the package again")
+    shapes = package_shapes(*want)
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            keys = set(st.keys())
+            if keys != set(shapes):
+                odd = sorted(keys ^ set(shapes))
+                raise FlexoError(f"{where}: tensor names differ from the package format (e.g. {odd[0]}): re-export it")
+            for key, shape in shapes.items():
+                sl = st.get_slice(key)
+                if tuple(sl.get_shape()) != shape or sl.get_dtype() != dtype:
+                    raise FlexoError(f"{where}: {key} is {sl.get_dtype()} {tuple(sl.get_shape())}, the public model "
+                                     f"needs {dtype} {shape}: retrain it against this public model")
+                t = st.get_tensor(key)
+                if not torch.isfinite(t).all():
+                    raise FlexoError(f"{where}: tensor {key} holds NaN or Inf: retrain it")
+                del t
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FlexoError(f"{where}: {PACKAGE_TENSORS} is unreadable ({_first_line(e)}): fetch or retrain it") from None
+
+
+# ------------------------------------------------------------------------------------------ the merge
+def _merged_tensors(pub: WeightReader, packages: list[tuple[str, Path]], config: FlexOlmoConfig
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged model's tensors in write order, produced one at a time (layer after layer)."""
+    head, per_layer, tail = shared_keys(pub)
+    for key in head:
+        yield key, pub.get(key)
+    inter = config.intermediate_size
+    handles = []
+    try:
+        for _, path in packages:
+            handles.append(safe_open(str(path), framework="pt"))
+        for i in range(config.num_hidden_layers):
+            for key in per_layer.get(i, []):
+                yield key, pub.get(key)
+            p = f"model.layers.{i}.mlp."
+            for part, t in pub.expert_ffn(i, 0, inter):
+                yield f"{p}experts.0.{part}.weight", t
+            for e, st in enumerate(handles, start=1):
+                for part in FFN_PARTS:
+                    yield f"{p}experts.{e}.{part}.weight", st.get_tensor(f"layers.{i}.{part}")
+            # Router: row 0 = r_pub from the public model, row e = owner e's row, bit for bit.
+            rows = [pub.get_row(f"{p}gate.weight", 0)] + [st.get_tensor(f"layers.{i}.router") for st in handles]
+            yield f"{p}gate.weight", torch.stack(rows)
+            del rows
+    finally:
+        handles.clear()
+    for key in tail:
+        yield key, pub.get(key)
+
+
+def merge(params: Params, layout: Layout, *, public: Path | None = None, experts: list[Path] | None = None,
+          exclude: Sequence[str] = (), top_k: int | None = None, out: Path | None = None) -> dict:
+    """Merge the public model and the expert packages into `out` (default models/merged); returns flexo.json."""
+    started = time.time()
+    public = Path(public) if public is not None else layout.public_model
+    folders = [Path(e) for e in experts] if experts is not None else [layout.expert(o) for o in params.owners]
+    top_k = params.merge.top_k if top_k is None else int(top_k)
+    out = Path(out) if out is not None else layout.merged
+
+    # 1. Cheap checks on the manifests: names, duplicates, exclusions, top-k.
+    metas = [(_read_package(f), f) for f in folders]
+    seen: dict[str, Path] = {}
+    for meta, folder in metas:
+        if meta["owner"] in seen:
+            raise FlexoError(f"owner {meta['owner']!r} is given twice ({seen[meta['owner']]} and {folder}): "
+                             "pass each owner's package once")
+        seen[meta["owner"]] = folder
+    present = [m["owner"] for m, _ in metas]
+    for name in exclude:
+        if name == PUBLIC:
+            raise FlexoError("the public expert cannot be excluded (it is expert 0 of every FlexOlmo model): "
+                             "exclude owners only")
+        if name not in present:
+            raise FlexoError(f"cannot exclude {name!r}: it is not among the experts being merged {[PUBLIC, *present]}; "
+                             "fix --exclude")
+    kept = [(m, f) for m, f in metas if m["owner"] not in set(exclude)]
+    n_experts = 1 + len(kept)
+    if not 1 <= top_k <= n_experts:
+        raise FlexoError(f"top-k {top_k} is out of range: the merged model has {n_experts} experts "
+                         f"(public + {len(kept)} owners); pass --top-k (or set merge.top_k) between 1 and {n_experts}")
+
+    # 2. The public model: config, fingerprint (recomputed from the weights), dtype.
+    config, public_meta = _check_public(public)
+    public_fp = public_meta["fingerprint"]
+    with WeightReader(public, "public model") as pub:
+        dtype = pub.dtype("model.layers.0.mlp.gate.weight")
+
+    # 3. Every kept package: fingerprint, hash, names, shapes, dtypes, NaN/Inf (an excluded one is not read).
+    for meta, folder in kept:
+        _check_package(folder, meta, config, public_fp, dtype)
+    merged_config = with_experts(config, n_experts, top_k)
+
+    # 4. Stream the weights into a temp folder; it becomes `out` only when everything is written.
+    owners = [m["owner"] for m, _ in kept]
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, params.merge.shard_bytes, what="merge")
+        with WeightReader(public, "public model") as pub:
+            writer.add_all(_merged_tensors(pub, [(m["owner"], f / PACKAGE_TENSORS) for m, f in kept], config))
+        written = writer.close()
+        write_config(merged_config, tmp)
+        copy_support_files(public, tmp)
+        meta = {
+            "kind": "merged",
+            "experts": [PUBLIC, *owners],
+            "fingerprint": public_fp,
+            "top_k": top_k,
+            "num_experts": n_experts,
+            "packages": {m["owner"]: m["tensors_sha256"] for m, _ in kept},
+            "opt_out_guarantee": "instant",
+            "opt_out_note": GUARANTEE_NOTE,
+            "excluded": list(exclude),
+            "training": {m["owner"]: {k: m.get(k) for k in ("steps", "tokens_seen", "public_mix", "train_loss",
+                                                             "val_loss", "initial_val_loss")} for m, _ in kept},
+            "shards": len(written["files"]),
+            "bytes": written["total_size"],
+            "wall_s": round(time.time() - started, 2),
+        }
+        write_meta(tmp, meta)
+        write_model_card(tmp, meta)
+    log.info("merged %d experts (top-%d) into %s in %.1fs", n_experts, top_k, out, time.time() - started)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _cmd_merge(args) -> dict:
+    from flexo.cli import _ctx
+
+    params, layout = _ctx(args)
+    return merge(params, layout, public=args.public, experts=args.expert, exclude=args.exclude or (),
+                 top_k=args.top_k, out=args.out)
+
+
+def add_cli(subparsers) -> None:
+    """`flexo merge [--public DIR] [--expert DIR ...] [--exclude NAME ...] [--top-k K] [--out DIR]`."""
+    text = "merge the public model and the owners' expert packages into one FlexOlmo MoE"
+    p = subparsers.add_parser("merge", help=text, description=text)
+    p.add_argument("--public", type=Path, default=None, help="public model folder (default: models/public)")
+    p.add_argument("--expert", type=Path, nargs="+", action="extend", default=None, metavar="DIR",
+                   help="expert package folders in router order (default: models/experts/<owner> for params.yaml owners)")
+    p.add_argument("--exclude", nargs="+", action="extend", default=None, metavar="NAME",
+                   help="owners to leave out of the merge")
+    p.add_argument("--top-k", type=int, default=None, help="experts active per token (default: merge.top_k)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: models/merged)")
+    p.set_defaults(fn=_cmd_merge)

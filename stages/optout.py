@@ -1,0 +1,144 @@
+"""Stage `opt-out`: strict removal of experts from a merged model (FlexOlmo §3.5, Fig. 4).
+
+    flexo opt-out --model models/merged --exclude news [more …] --out DIR
+
+Writes a new model folder in which the excluded owners' FFNs and router rows are gone from every
+layer (the remaining experts keep their order and are renumbered), top-k = min(k, experts left), and
+flexo.json / the model card list what was opted out. Because the gate is softmax over all experts then
+top-k without renormalisation, this is the same function as masking those experts' router logits to
+-inf (`flexo.serving.runtime_opt_out`, the per-request form that needs no new folder).
+
+The weights are streamed with the merge's reader and shard writer (one tensor at a time, shards saved
+as they fill; temp folder renamed at the end). The model's `opt_out_guarantee` is read from flexo.json:
+anything other than "instant" means the other experts or the router were shaped by the excluded
+owners' data (e.g. router tuning on owner text), and a rerun of the affected stages is needed for a
+model that never saw it; flexo says so and still writes the folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from transformers import FlexOlmoConfig
+
+from flexo.errors import FlexoError
+from flexo.fsutil import atomic_dir
+from flexo.modeling import read_meta, with_experts, write_meta
+from flexo.params import PUBLIC
+from stages.merge import (
+    FFN_PARTS, ShardWriter, WeightReader, copy_support_files, shared_keys, write_config, write_model_card,
+)
+
+log = logging.getLogger(__name__)
+DEFAULT_SHARD_BYTES = 2_000_000_000
+
+
+def _opted_tensors(src: WeightReader, keep: list[int], config: FlexOlmoConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The opted-out model's tensors in write order, one at a time: kept experts renumbered 0..n-1."""
+    head, per_layer, tail = shared_keys(src)
+    for key in head:
+        yield key, src.get(key)
+    for i in range(config.num_hidden_layers):
+        for key in per_layer.get(i, []):
+            yield key, src.get(key)
+        p = f"model.layers.{i}.mlp."
+        for new, old in enumerate(keep):
+            for part, t in src.expert_ffn(i, old, config.intermediate_size):
+                yield f"{p}experts.{new}.{part}.weight", t
+        yield f"{p}gate.weight", torch.stack([src.get_row(f"{p}gate.weight", old) for old in keep])
+    for key in tail:
+        yield key, src.get(key)
+
+
+def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Write `out`: the model in `model_dir` without the experts named in `exclude`; returns its flexo.json."""
+    started = time.time()
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / "config.json").is_file():
+        raise FlexoError(f"{model_dir} is not a model folder (no config.json): pass a merged model with --model")
+    src_meta = read_meta(model_dir)
+    experts = list(src_meta.get("experts") or [])
+    config = FlexOlmoConfig.from_pretrained(model_dir)
+    if config.model_type != "flex_olmo" or not experts or experts[0] != PUBLIC or len(experts) != config.num_experts:
+        raise FlexoError(f"{model_dir}: flexo.json lists experts {experts} but the model has {config.num_experts}: "
+                         "it is not a flexo merged model; rerun `flexo merge`")
+    names = list(dict.fromkeys(exclude))  # keep order, drop repeats
+    if not names:
+        raise FlexoError("nothing to opt out: name at least one owner with --exclude")
+    for name in names:
+        if name == PUBLIC:
+            raise FlexoError(f"the public expert cannot be opted out (it is expert 0 of every FlexOlmo model); "
+                             f"the owners in {model_dir} are {experts[1:]}")
+        if name not in experts:
+            raise FlexoError(f"cannot opt out {name!r}: it is not in {model_dir}, whose experts are {experts}")
+    keep = [i for i, e in enumerate(experts) if e not in names]
+    if len(keep) == 1:
+        raise FlexoError(f"opting out every owner ({', '.join(names)}) would leave only the public expert: "
+                         "use the public model (models/public) instead")
+    top_k = min(config.num_experts_per_tok, len(keep))
+    new_config = with_experts(config, len(keep), top_k)
+
+    guarantee = src_meta.get("opt_out_guarantee")
+    warning = None
+    if guarantee != "instant":
+        warning = (f"{model_dir} has opt_out_guarantee {guarantee!r}, not 'instant': removing {names} deletes their "
+                   "experts, but other weights may still carry what their data taught; rerun the affected stages "
+                   "(e.g. router tuning) without them for a model that never saw their data")
+        log.warning(warning)
+
+    kept_names = [experts[i] for i in keep]
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, shard_bytes, what="opt-out")
+        with WeightReader(model_dir, "model") as src:
+            writer.add_all(_opted_tensors(src, keep, config))
+        written = writer.close()
+        write_config(new_config, tmp)
+        copy_support_files(model_dir, tmp)
+        meta = dict(src_meta)
+        meta.update({
+            "experts": kept_names,
+            "top_k": top_k,
+            "num_experts": len(keep),
+            "packages": {k: v for k, v in (src_meta.get("packages") or {}).items() if k in kept_names},
+            "training": {k: v for k, v in (src_meta.get("training") or {}).items() if k in kept_names},
+            "opted_out": [*src_meta.get("opted_out", []), *names],
+            "opted_out_from": str(model_dir),
+            "shards": len(written["files"]),
+            "bytes": written["total_size"],
+            "wall_s": round(time.time() - started, 2),
+        })
+        if warning:
+            meta["rerun_needed"] = True
+            meta["warning"] = warning
+        write_meta(tmp, meta)
+        write_model_card(tmp, meta)
+    log.info("opted out %s: %s → %s (%d experts, top-%d)", names, model_dir, out, len(keep), top_k)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _cmd_opt_out(args) -> dict:
+    # Works on any flexo model folder, with or without a project; uses merge.shard_bytes when there is one.
+    from flexo.cli import _ctx
+    from flexo.layout import Layout
+
+    shard_bytes = DEFAULT_SHARD_BYTES
+    if Path(args.params or Layout.at(args.root).params).is_file():
+        params, _ = _ctx(args)
+        shard_bytes = params.merge.shard_bytes
+    return opt_out(args.model, args.exclude, args.out, shard_bytes=shard_bytes)
+
+
+def add_cli(subparsers) -> None:
+    """`flexo opt-out --model DIR --exclude NAME [NAME ...] --out DIR`."""
+    text = "write a copy of a merged model with some owners' experts removed (strict opt-out)"
+    p = subparsers.add_parser("opt-out", help=text, description=text)
+    p.add_argument("--model", type=Path, required=True, help="a merged model folder (e.g. models/merged)")
+    p.add_argument("--exclude", nargs="+", action="extend", required=True, metavar="NAME",
+                   help="owners whose experts are removed")
+    p.add_argument("--out", type=Path, required=True, help="the new model folder")
+    p.set_defaults(fn=_cmd_opt_out)

@@ -1,0 +1,220 @@
+"""Stage `router-tune`: optional router tuning of the merged model on public proxy data (FlexOlmo §3.4).
+
+    flexo router-tune
+
+Reads `models/merged`, the public train/val splits and the owners' router embeddings
+(`models/router/<owner>.safetensors`) — never an owner's data. Proxy set: every public train document
+is embedded with the same embedder `flexo embed` used; for each owner, the `proxy_documents` public
+documents with the highest cosine similarity to that owner's raw embedder mean (its domain embedding),
+plus as many random public documents (so the public expert keeps winning on public-like text). Only the
+router weights (`mlp.gate.weight` of every layer: all rows, r_pub included) are trained, with the shared
+training loop; everything else has requires_grad False and stays bit-identical.
+
+Writes `models/merged-rt/` in the merged format (weights, config, tokenizer, flexo.json with
+`kind: merged-rt` and the proxy-selection figures, model card). Its opt-out guarantee stays "instant":
+only public data shaped the rows, so deleting an expert still gives a model that never saw its data.
+With `router_tune.enabled: false` the folder is a copy of the merged model marked `tuned: false`, so
+the DVC output always exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from flexo.errors import FlexoError
+from flexo.fsutil import atomic_dir, read_json
+from flexo.layout import Layout
+from flexo.modeling import load_model, read_meta, write_meta
+from flexo.params import PUBLIC, Params, TrainParams
+from flexo.training import Batches, drop_checkpoint, pack, train, write_loss_log
+from stages.curate import read_split
+from stages.embed import embed_texts, load_embedder
+from stages.merge import copy_support_files, write_model_card
+
+log = logging.getLogger(__name__)
+ROUTER_SUFFIX = "mlp.gate.weight"
+
+
+def owner_domain_vector(layout: Layout, owner: str, embedder: str) -> torch.Tensor:
+    """The owner's raw embedder mean (written by `flexo embed --owner X`), checked to be from `embedder`."""
+    path = layout.router_embedding(owner)
+    if not path.is_file():
+        raise FlexoError(f"no router embedding for {owner!r} ({path}): run `flexo embed --owner {owner}` first")
+    info = read_json(path.with_suffix(".json"), what="router embedding manifest")
+    if info.get("embedder") != embedder:
+        raise FlexoError(f"router embedding {path} was made with embedder {info.get('embedder')!r} but embed.embedder "
+                         f"is {embedder!r}: rerun `flexo embed --owner {owner}`")
+    try:
+        mean = load_file(path)["embedder_mean"]
+    except (SafetensorError, KeyError, OSError) as e:
+        raise FlexoError(f"router embedding {path} has no readable embedder_mean ({e}): rerun `flexo embed --owner {owner}`") from None
+    return mean.float()
+
+
+def select_proxies(doc_vectors: torch.Tensor, owner_vectors: dict[str, torch.Tensor], n: int, seed: int
+                   ) -> tuple[list[int], dict]:
+    """Per owner: the `n` documents most similar (cosine) to its domain vector + `n` random other documents.
+
+    Returns the document indices (an index may recur across owners: it then weighs more) and figures."""
+    docs = torch.nn.functional.normalize(doc_vectors.float(), dim=-1)
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    figures = {}
+    for owner, vec in owner_vectors.items():
+        sims = docs @ torch.nn.functional.normalize(vec.float(), dim=0)
+        k = min(n, len(sims))
+        top = torch.topk(sims, k).indices.tolist()
+        rest = sorted(set(range(len(sims))) - set(top))
+        rand = rng.sample(rest, min(k, len(rest)))
+        chosen += top + rand
+        picked = sims[top]
+        figures[owner] = {
+            "proxy_documents": k,
+            "random_documents": len(rand),
+            "similarity_min": round(float(picked.min()), 4),
+            "similarity_mean": round(float(picked.mean()), 4),
+            "similarity_max": round(float(picked.max()), 4),
+            "similarity_all_public_mean": round(float(sims.mean()), 4),
+        }
+    return chosen, figures
+
+
+def router_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Freeze everything but the router weights; return those (name → parameter)."""
+    trainable = {}
+    for name, p in model.named_parameters():
+        if name.endswith(ROUTER_SUFFIX):
+            p.requires_grad_(True)
+            trainable[name] = p
+        else:
+            p.requires_grad_(False)
+    if not trainable:
+        raise FlexoError("the merged model has no router weights (mlp.gate.weight): rerun `flexo merge`")
+    return trainable
+
+
+def _tune_train_params(params: Params) -> TrainParams:
+    rt, te = params.router_tune, params.train_expert
+    return TrainParams(
+        epochs=1e9, max_steps=rt.steps,  # the step count decides, however few proxy blocks there are
+        batch_size=rt.batch_size, lr=rt.lr, warmup_steps=min(te.warmup_steps, rt.steps // 10),
+        min_lr_ratio=te.min_lr_ratio, weight_decay=0.0, grad_clip=te.grad_clip,
+        checkpoint_every=min(te.checkpoint_every, rt.steps), eval_every=min(te.eval_every, rt.steps),
+        backend="torch", bf16=te.bf16, seed=rt.seed,
+    )
+
+
+def _copy_model_folder(src: Path, dst: Path) -> None:
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and f.name not in ("flexo.json", "README.md"):
+            shutil.copy2(f, dst / f.name)
+
+
+def router_tune(params: Params, layout: Layout) -> dict:
+    started = time.time()
+    rt = params.router_tune
+    src = layout.merged
+    if not (src / "config.json").is_file():
+        raise FlexoError(f"no merged model in {src}: run `flexo merge` first")
+    merged_meta = read_meta(src)
+    if merged_meta.get("kind") != "merged":
+        raise FlexoError(f"{src} is a {merged_meta.get('kind')!r} model, not a merge: rerun `flexo merge`")
+    experts = list(merged_meta.get("experts") or [])
+    owners = [e for e in experts if e != PUBLIC]
+    base = {k: v for k, v in merged_meta.items() if k not in ("wall_s", "shards", "bytes")}
+
+    if not rt.enabled:
+        with atomic_dir(layout.merged_rt) as tmp:
+            _copy_model_folder(src, tmp)
+            meta = dict(base, kind="merged-rt", tuned=False, opt_out_guarantee="instant", router_tune=None,
+                        wall_s=round(time.time() - started, 2))
+            write_meta(tmp, meta)
+            write_model_card(tmp, meta)
+        return meta
+
+    # Proxy data from public text only: the owners are represented by their domain vectors alone.
+    e = params.embed
+    owner_vectors = {o: owner_domain_vector(layout, o, e.embedder) for o in owners}
+    public_docs = read_split(layout, PUBLIC, "train")
+    tok, embedder = load_embedder(e.embedder)
+    doc_vectors = embed_texts(public_docs, tok, embedder, max_tokens=e.max_tokens, batch_size=e.batch_size)
+    del embedder
+    for o, v in owner_vectors.items():
+        if v.numel() != doc_vectors.shape[1]:
+            raise FlexoError(f"router embedding of {o!r} has width {v.numel()}, the embedder gives "
+                             f"{doc_vectors.shape[1]}: rerun `flexo embed --owner {o}`")
+    chosen, figures = select_proxies(doc_vectors, owner_vectors, rt.proxy_documents, rt.seed)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    seq = params.model.max_seq_len
+    blocks = pack(tokenizer, [public_docs[i] for i in chosen], seq, "router-tuning proxy set")
+    val_blocks = pack(tokenizer, read_split(layout, PUBLIC, "val"), seq, "public val split")
+
+    model = load_model(src)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(ROUTER_SUFFIX)}
+    trainable = router_params(model)
+    tp = _tune_train_params(params)
+    proxy_sha = hashlib.sha256(",".join(map(str, chosen)).encode()).hexdigest()[:16]
+    result = train(model, Batches(blocks, tp.batch_size, tp.seed), val_blocks, tp, trainable=trainable,
+                   ckpt_dir=layout.checkpoints("router-tune"), desc="router-tune",
+                   key_parts={"stage": "router_tune", "merged": merged_meta.get("packages"),
+                              "top_k": merged_meta.get("top_k"), "fingerprint": merged_meta.get("fingerprint"),
+                              "proxy": proxy_sha, "blocks": len(blocks)})
+    moved = {n: round(float((p.detach() - before[n]).norm()), 6) for n, p in trainable.items()}
+
+    with atomic_dir(layout.merged_rt) as tmp:
+        model.save_pretrained(tmp, max_shard_size=params.merge.shard_bytes)
+        copy_support_files(src, tmp)
+        meta = dict(base)
+        meta.update({
+            "kind": "merged-rt",
+            "tuned": True,
+            "opt_out_guarantee": "instant",  # only public data shaped the router rows
+            "router_tune": {
+                "steps": result.steps,
+                "batch_size": tp.batch_size,
+                "lr": tp.lr,
+                "proxy_blocks": len(blocks),
+                "proxy_documents_total": len(chosen),
+                "proxy_sha": proxy_sha,
+                "public_documents": len(public_docs),
+                "proxy_selection": figures,
+                "initial_val_loss": round(result.initial_val_loss, 5),
+                "val_loss": round(result.val_loss, 5),
+                "train_loss": round(result.train_loss, 5),
+                "router_change_norm": moved,
+                "tokens_per_s": result.tokens_per_s,
+            },
+            "wall_s": round(time.time() - started, 2),
+        })
+        write_meta(tmp, meta)
+        write_model_card(tmp, meta)
+        write_loss_log(tmp / "loss.csv", result.log)
+    drop_checkpoint(layout.checkpoints("router-tune"))
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _cmd_router_tune(args) -> dict:
+    from flexo.cli import _ctx
+
+    params, layout = _ctx(args)
+    return router_tune(params, layout)
+
+
+def add_cli(subparsers) -> None:
+    """`flexo router-tune`."""
+    text = "tune the merged model's router rows on public proxy data (writes models/merged-rt)"
+    p = subparsers.add_parser("router-tune", help=text, description=text)
+    p.set_defaults(fn=_cmd_router_tune)

@@ -1,0 +1,172 @@
+"""The domains suite and the evaluate stage: lm-eval's bits-per-byte equals a direct computation; the stage
+writes every model × domain score, the tables and the figures; an opt-out row is evaluated with the mask."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from flexo.errors import FlexoError
+from flexo.evaluation import GROUP, evaluate_model, read_domains, task_name, write_domain_tasks
+from flexo.layout import Layout
+from flexo.modeling import load_model
+from flexo.params import load_params
+
+
+@torch.no_grad()
+def direct_rolling_logprobs(model, ids: list[int], prefix: int, max_len: int) -> list[float]:
+    """log p(ids[j] | its context) for every token, scored in chunks of `max_len` predictions: the first
+    chunk reads the prefix token then ids, every later chunk reads the `max_len` tokens before its end."""
+    out: list[float] = []
+    start = 0
+    while start < len(ids):
+        end = min(start + max_len, len(ids))
+        inp = [prefix] + ids[:end - 1] if start == 0 else ids[end - max_len - 1:end - 1]
+        logp = torch.log_softmax(model(torch.tensor([inp])).logits[0].double(), dim=-1)
+        for k, j in enumerate(range(start, end)):
+            out.append(float(logp[len(inp) - (end - start) + k, ids[j]]))
+        start = end
+    return out
+
+
+def test_domain_tasks_folder(tiny_project, tmp_path):
+    layout = tiny_project
+    tasks = write_domain_tasks(layout, ["public", "alpha", "beta"], tmp_path / "tasks", cache_dir=tmp_path / "ds")
+    assert read_domains(tasks) == {d: task_name(d) for d in ("public", "alpha", "beta")}
+    cfg = yaml.safe_load((tasks / f"{task_name('alpha')}.yaml").read_text())
+    data_file = cfg["dataset_kwargs"]["data_files"]["test"]
+    assert data_file == str((layout.heldout("alpha") / "test.jsonl").resolve()) and data_file.startswith("/")
+    assert cfg["output_type"] == "loglikelihood_rolling"
+    assert [m["metric"] for m in cfg["metric_list"]] == ["word_perplexity", "byte_perplexity", "bits_per_byte"]
+    group = yaml.safe_load((tasks / f"{GROUP}.yaml").read_text())
+    assert group["group"] == GROUP and group["task"] == [task_name(d) for d in ("public", "alpha", "beta")]
+    with pytest.raises(FlexoError, match="flexo curate --owner gamma"):
+        write_domain_tasks(layout, ["gamma"], tmp_path / "tasks2")
+
+
+def test_bits_per_byte_equals_direct_computation(tiny_project, tmp_path):
+    layout = tiny_project
+    tasks = write_domain_tasks(layout, ["alpha"], tmp_path / "tasks", cache_dir=tmp_path / "ds")
+    model_dir = layout.expert("alpha") / "model"  # a 2-expert MoE: routing must not depend on batch padding
+    limit, max_len = 3, 64
+    got = evaluate_model(model_dir, None, tasks, limit=limit, batch_size=4, max_length=max_len,
+                         raw_out=tmp_path / "raw.json")
+    model = load_model(model_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    docs = [json.loads(line)["text"] for line in (layout.heldout("alpha") / "test.jsonl").read_text().splitlines()][:limit]
+    total_ll = total_bytes = 0
+    for text in docs:
+        ids = tok.encode(text, add_special_tokens=False)
+        total_ll += sum(direct_rolling_logprobs(model, ids, tok.eos_token_id, max_len))
+        total_bytes += len(text.encode("utf-8"))
+    assert max(len(tok.encode(t, add_special_tokens=False)) for t in docs) > 2 * max_len  # several windows
+    want = -total_ll / total_bytes / math.log(2)
+    assert got["alpha"] == pytest.approx(want, abs=1e-4)
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    assert raw["results"][task_name("alpha")]["bits_per_byte,none"] == pytest.approx(got["alpha"])
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_project, tmp_path_factory):
+    """A copy of the tiny project, merged and evaluated by the stage (baselines on, 2 documents per domain)."""
+    from stages.evaluate import evaluate
+    from stages.merge import merge
+
+    root = tmp_path_factory.mktemp("evalproj") / "p"
+    shutil.copytree(tiny_project.root, root)
+    layout = Layout.at(root)
+    params = load_params(layout.params)
+    merge(params, layout)
+    before = sorted(p.relative_to(root) for p in (root / "models").rglob("*"))
+    metrics = evaluate(params, layout, limit=2)
+    return layout, params, metrics, before
+
+
+MODELS = ["public", "flexolmo", "soup", "btm", "expert:alpha", "expert:beta", "optout:alpha", "optout:beta"]
+DOMAINS = ["public", "alpha", "beta"]
+
+
+def test_stage_writes_every_model_and_domain(evaluated):
+    layout, params, metrics, before = evaluated
+    on_disk = json.loads((layout.results / "metrics.json").read_text())
+    assert list(on_disk["bpb"]) == MODELS  # no merged-rt in the fixture: no flexolmo-rt row
+    for m in MODELS:
+        assert list(on_disk["bpb"][m]) == DOMAINS
+        assert all(0 < v < 20 for v in on_disk["bpb"][m].values())
+        assert on_disk["avg_owner_bpb"][m] == pytest.approx((on_disk["bpb"][m]["alpha"] + on_disk["bpb"][m]["beta"]) / 2, abs=1e-6)
+        assert (layout.results / "lm_eval" / f"{m.replace(':', '-')}.json").is_file()
+    assert on_disk["wall_s"] > 0 and on_disk["limit"] == 2
+    # An owner's own model is better on its own domain than the public model (it was trained on it).
+    assert on_disk["bpb"]["expert:beta"]["beta"] < on_disk["bpb"]["public"]["beta"]
+    # Nothing of the other stages' outputs was removed or added.
+    assert sorted(p.relative_to(layout.root) for p in (layout.root / "models").rglob("*")) == before
+    assert not list(layout.results.rglob(".*.tmp-*"))
+
+
+def test_table_bolds_the_best_per_column(evaluated):
+    layout, _, metrics, _ = evaluated
+    text = (layout.results / "table.md").read_text()
+    assert "lower is better" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header == ["model", *DOMAINS, "avg (owners)"]
+    body = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in rows[1:]}
+    assert list(body) == MODELS
+    for col in range(len(header) - 1):
+        values = {m: float(cells[col].strip("*")) for m, cells in body.items()}
+        bold = {m for m, cells in body.items() if cells[col].startswith("**")}
+        assert bold and all(values[m] == min(values.values()) for m in bold)
+
+
+def test_figures_and_optout_report(evaluated):
+    layout, _, metrics, _ = evaluated
+    for name in ("bpb.png", "optout.png"):
+        data = (layout.results / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    text = (layout.results / "optout.md").read_text()
+    assert "| optout:alpha |" in text and "| optout:beta |" in text
+    full = metrics["bpb"]["flexolmo"]["alpha"]
+    delta = metrics["bpb"]["optout:alpha"]["alpha"] - full
+    assert f"({delta:+.3f})" in text
+
+
+def test_optout_row_is_the_masked_model(evaluated, tmp_path):
+    """optout:alpha differs from the full merged model on alpha's domain, and equals a model merged
+    without alpha (deleting an expert = masking its logit), evaluated through the CLI handler."""
+    from stages.evaluate import add_cli
+    from stages.merge import merge
+
+    layout, params, metrics, _ = evaluated
+    full, opt = metrics["bpb"]["flexolmo"], metrics["bpb"]["optout:alpha"]
+    assert abs(opt["alpha"] - full["alpha"]) > 1e-3
+    without = tmp_path / "merged-without-alpha"
+    merge(params, layout, exclude=["alpha"], out=without)
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", default=".")
+    parser.add_argument("--params", default=None)
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["--root", str(layout.root), "evaluate", "--model", str(without), "--limit", "2"])
+    result = args.fn(args)
+    json.dumps(result)  # JSON-able for the CLI
+    for d in DOMAINS:
+        assert result["bpb"][d] == pytest.approx(opt[d], abs=1e-4)
+    assert (layout.results / "adhoc" / "merged-without-alpha.domains.json").is_file()
+
+
+def test_bad_suite_and_limit(evaluated):
+    from stages.evaluate import evaluate
+
+    layout, params, _, _ = evaluated
+    with pytest.raises(FlexoError, match="unknown suite"):
+        evaluate(params, layout, suite="nope")
+    with pytest.raises(FlexoError, match="limit"):
+        evaluate(params, layout, limit=-1)

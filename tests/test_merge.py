@@ -1,0 +1,309 @@
+"""`flexo merge`: exact semantics (public-only ≡ public model, {public, alpha} ≡ alpha's own model, router
+rows kept bit for bit), sharding, streaming, and every bad input as a one-line error with no output."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import stages.merge as merge_mod
+from flexo.errors import FlexoError
+from flexo.fsutil import sha256_file
+from flexo.modeling import load_model, read_meta
+from flexo.params import load_params
+from stages.merge import WeightReader, merge
+
+
+def run_cli(argv: list[str]) -> int:
+    """flexo.cli.main with the stage subcommands registered (if the lead's wiring has not done it yet)."""
+    from flexo import cli, commands  # noqa: F401  (commands may register the subcommands itself)
+    from stages import merge as m, optout as o, router_tune as r
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, mod in (("merge", m), ("opt-out", o), ("router-tune", r)):
+        if name not in sub.choices:
+            cli.register(mod.add_cli)
+    return cli.main(argv)
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def logits(model_dir: Path, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return load_model(model_dir)(input_ids=x).logits
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_project):
+    return load_params(tiny_project.params), tiny_project
+
+
+@pytest.fixture(scope="module")
+def merged(ctx, tmp_path_factory) -> Path:
+    params, layout = ctx
+    out = tmp_path_factory.mktemp("merge") / "merged"
+    merge(params, layout, out=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokens(ctx) -> torch.Tensor:
+    return torch.randint(2, 500, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def test_merged_folder_is_a_stock_flexolmo_with_exact_router_rows(ctx, merged):
+    params, layout = ctx
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((merged / "config.json").read_text())
+    assert cfg["architectures"] == ["FlexOlmoForCausalLM"]
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["norm_topk_prob"]) == (3, 2, False)
+    model = AutoModelForCausalLM.from_pretrained(merged)  # no custom code, no flexo loader
+    assert type(model).__name__ == "FlexOlmoForCausalLM"
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md", "model.safetensors"):
+        assert (merged / f).is_file(), f
+    assert not (merged / "model.safetensors.index.json").exists()
+
+    meta = read_meta(merged)
+    assert meta["kind"] == "merged" and meta["experts"] == ["public", "alpha", "beta"] and meta["top_k"] == 2
+    assert meta["fingerprint"] == read_meta(layout.public_model)["fingerprint"]
+    assert meta["opt_out_guarantee"] == "instant" and "renormalisation" in meta["opt_out_note"]
+    for owner in ("alpha", "beta"):
+        assert meta["packages"][owner] == json.loads((layout.expert(owner) / "expert.json").read_text())["tensors_sha256"]
+    card = (merged / "README.md").read_text()
+    assert "flexo opt-out" in card and "runtime_opt_out" in card and "exclude=" in card
+    assert "alpha" in card and "beta" in card
+
+    t = all_tensors(merged)
+    pub = all_tensors(layout.public_model)
+    pkgs = [load_file(layout.expert(o) / "expert.safetensors") for o in ("alpha", "beta")]
+    for i in range(params.model.num_layers):
+        gate = t[f"model.layers.{i}.mlp.gate.weight"]
+        assert gate.shape == (3, params.model.hidden_size)
+        assert torch.equal(gate[0], pub[f"model.layers.{i}.mlp.gate.weight"][0])
+        for e, pkg in enumerate(pkgs, start=1):
+            assert torch.equal(gate[e], pkg[f"layers.{i}.router"])
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                assert torch.equal(t[f"model.layers.{i}.mlp.experts.{e}.{part}.weight"], pkg[f"layers.{i}.{part}"])
+    for k, v in pub.items():  # every public tensor is carried over bit for bit
+        if not k.endswith("mlp.gate.weight"):
+            assert torch.equal(t[k], v), k
+
+
+def test_public_only_merge_is_the_public_model(ctx, tmp_path, tokens):
+    params, layout = ctx
+    out = tmp_path / "pub-only"
+    meta = merge(params, layout, experts=[], top_k=1, out=out)
+    assert meta["experts"] == ["public"]
+    assert torch.equal(logits(out, tokens), logits(layout.public_model, tokens))
+
+
+def test_public_plus_alpha_is_alphas_own_model(ctx, tmp_path, tokens):
+    params, layout = ctx
+    out = tmp_path / "alpha"
+    merge(params, layout, exclude=["beta"], top_k=2, out=out)
+    assert read_meta(out)["experts"] == ["public", "alpha"]
+    own = layout.expert("alpha") / "model"
+    torch.testing.assert_close(logits(out, tokens), logits(own, tokens), rtol=0, atol=1e-6)
+    # and the same tensors as alpha's own 2-expert model
+    a, b = all_tensors(out), all_tensors(own)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_shards_load_and_equal_one_shard(ctx, merged, tmp_path, tokens):
+    params, layout = ctx
+    small = copy.deepcopy(params)
+    small.merge.shard_bytes = 100_000  # below the params.yaml minimum on purpose: the tiny model is ~0.3 MB
+    out = tmp_path / "sharded"
+    meta = merge(small, layout, out=out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert meta["shards"] == len(shards) >= 2 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    for s in shards:
+        assert sum(t.numel() * t.element_size() for t in load_file(s).values()) <= 100_000
+    one, many = all_tensors(merged), all_tensors(out)
+    assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in one.values())
+    assert torch.equal(logits(out, tokens), logits(merged, tokens))
+
+
+def test_merge_streams_one_layer_at_a_time(ctx, tmp_path, monkeypatch):
+    """Every tensor read through safe_open is tracked until it is freed: the merge never holds more than
+    one shard (here sized to one layer) plus one layer's tensors, far less than the whole model."""
+    params, layout = ctx
+    live = {"bytes": 0, "peak": 0}
+
+    def track(t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        live["bytes"] += n
+        live["peak"] = max(live["peak"], live["bytes"])
+        weakref.finalize(t, lambda: live.__setitem__("bytes", live["bytes"] - n))
+        return t
+
+    class Slice:
+        def __init__(self, s):
+            self.s = s
+
+        def __getitem__(self, idx):
+            return track(self.s[idx])
+
+        def __getattr__(self, name):
+            return getattr(self.s, name)
+
+    class Handle:
+        def __init__(self, h):
+            self.h = h
+
+        def get_tensor(self, key):
+            return track(self.h.get_tensor(key))
+
+        def get_slice(self, key):
+            return Slice(self.h.get_slice(key))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __getattr__(self, name):
+            return getattr(self.h, name)
+
+    real_open = merge_mod.safe_open
+    monkeypatch.setattr(merge_mod, "safe_open", lambda *a, **k: Handle(real_open(*a, **k)))
+    saves = []
+    real_save = merge_mod.save_file
+    monkeypatch.setattr(merge_mod, "save_file", lambda d, *a, **k: (saves.append(len(d)), real_save(d, *a, **k))[1])
+
+    with WeightReader(layout.public_model, "public") as pub:
+        shared = sum(pub.get(k).nbytes for k in pub.keys() if k.startswith("model.layers.0."))
+        ffn = sum(pub.get(k).nbytes for k in pub.keys() if k.startswith("model.layers.0.mlp.experts."))
+    layer_bytes = shared + 2 * ffn  # one merged layer: shared part + 3 FFNs (public + 2 owners)
+    total = sum(t.nbytes for t in all_tensors(layout.public_model).values()) + 2 * 2 * ffn
+    small = copy.deepcopy(params)
+    small.merge.shard_bytes = layer_bytes
+    live.update(bytes=0, peak=0)
+    merge(small, layout, out=tmp_path / "streamed")
+    assert len(saves) >= 3, "shards must be written as they fill"
+    assert live["peak"] <= small.merge.shard_bytes + layer_bytes, (live, layer_bytes)
+    assert live["peak"] < total * 0.75, (live, total)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _package_copy(layout, owner: str, dst: Path) -> Path:
+    shutil.copytree(layout.expert(owner), dst, ignore=shutil.ignore_patterns("model", "loss.csv"))
+    return dst
+
+
+def _rehash(pkg: Path) -> None:
+    meta = json.loads((pkg / "expert.json").read_text())
+    meta["tensors_sha256"] = sha256_file(pkg / "expert.safetensors")
+    (pkg / "expert.json").write_text(json.dumps(meta))
+
+
+def _experts(*paths) -> tuple[list[str], dict]:
+    return ["--expert", *map(str, paths)], {"experts": list(paths)}
+
+
+def _truncated(layout, tmp):
+    pkg = _package_copy(layout, "alpha", tmp / "alpha")
+    data = (pkg / "expert.safetensors").read_bytes()
+    (pkg / "expert.safetensors").write_bytes(data[: len(data) // 2])
+    return *_experts(pkg, layout.expert("beta")), "corrupt or truncated"
+
+
+def _unreadable(layout, tmp):
+    pkg = _package_copy(layout, "alpha", tmp / "alpha")
+    (pkg / "expert.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    _rehash(pkg)  # the hash matches, the file is still not safetensors
+    return *_experts(pkg), "unreadable"
+
+
+def _nan(layout, tmp):
+    pkg = _package_copy(layout, "alpha", tmp / "alpha")
+    t = load_file(pkg / "expert.safetensors")
+    t["layers.1.up_proj"][3, 4] = float("nan")
+    save_file(t, str(pkg / "expert.safetensors"))
+    _rehash(pkg)
+    return *_experts(pkg), "NaN"
+
+
+def _wrong_fingerprint(layout, tmp):
+    pkg = _package_copy(layout, "beta", tmp / "beta")
+    meta = json.loads((pkg / "expert.json").read_text())
+    meta["public_fingerprint"] = "0" * 64
+    (pkg / "expert.json").write_text(json.dumps(meta))
+    return *_experts(layout.expert("alpha"), pkg), "fingerprint"
+
+
+def _wrong_shape(layout, tmp):
+    pkg = _package_copy(layout, "alpha", tmp / "alpha")
+    t = load_file(pkg / "expert.safetensors")
+    t["layers.0.router"] = torch.zeros(16)
+    save_file(t, str(pkg / "expert.safetensors"))
+    _rehash(pkg)
+    return *_experts(pkg), "layers.0.router"
+
+
+def _twice(layout, tmp):
+    return *_experts(layout.expert("alpha"), layout.expert("alpha")), "twice"
+
+
+def _not_a_package(layout, tmp):
+    return *_experts(tmp), "not an expert package"
+
+
+def _top_k_too_large(layout, tmp):
+    return ["--top-k", "4"], {"top_k": 4}, "top-k 4"
+
+
+def _exclude_unknown(layout, tmp):
+    return ["--exclude", "gamma"], {"exclude": ["gamma"]}, "gamma"
+
+
+def _exclude_public(layout, tmp):
+    return ["--exclude", "public"], {"exclude": ["public"]}, "public expert cannot be excluded"
+
+
+BAD = [_truncated, _unreadable, _nan, _wrong_fingerprint, _wrong_shape, _twice, _not_a_package, _top_k_too_large,
+       _exclude_unknown, _exclude_public]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[f.__name__.strip("_") for f in BAD])
+def test_bad_input_is_one_line_error_exit_2_and_no_output(ctx, tmp_path, capsys, case):
+    params, layout = ctx
+    args, kwargs, words = case(layout, tmp_path)
+    out = tmp_path / "out"
+    rc = run_cli(["--root", str(layout.root), "merge", *args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("flexo: error: ") and words in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+    with pytest.raises(FlexoError) as e:  # the same through the function
+        merge(params, layout, out=out, **kwargs)
+    assert words in str(e.value)
+    assert not out.exists()
+
+
+def test_cli_merge_success_prints_manifest(ctx, tmp_path, capsys):
+    params, layout = ctx
+    out = tmp_path / "m"
+    rc = run_cli(["--root", str(layout.root), "merge", "--exclude", "alpha", "--top-k", "1", "--out", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["experts"] == ["public", "beta"] and printed["top_k"] == 1 == read_meta(out)["top_k"]
