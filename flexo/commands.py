@@ -13,3 +13,10 @@ def _status(sub):
     from stages.status import add_cli
 
     add_cli(sub)
+
+
+@register
+def _attribute(sub):
+    from stages.attribute import add_cli
+
+    add_cli(sub)

@@ -5,6 +5,7 @@ One place for paths keeps the CLI, dvc.yaml and the Prefect flows in agreement.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,10 @@ class Layout:
 
     @property
     def downloads(self) -> Path:
-        """Project-local download cache of the registry packages that hold the real text."""
-        return self.root / ".cache" / "downloads"
+        """Download cache of the registry packages that hold the real text: project-local by default;
+        `FLEXO_DOWNLOADS` points several clones (or the tests) at one shared cache."""
+        shared = os.environ.get("FLEXO_DOWNLOADS")
+        return Path(shared) if shared else self.root / ".cache" / "downloads"
 
     def owner_inbox(self, owner: str) -> Path:
         """Where an owner drops its own documents (.txt, .jsonl with a `text` field)."""
