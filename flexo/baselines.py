@@ -34,6 +34,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
 from safetensors.torch import load_file
 
 from flexo.errors import FlexoError
@@ -123,34 +125,34 @@ def model_soup(public: Path | Any, experts: Sequence[Path], *, weights: Sequence
 # ---------------------------------------------------------------------------------------------- BTM
 
 
-def mixture_logprobs(member_logprobs: torch.Tensor) -> torch.Tensor:
-    """log p_mix(x_t | x_<t) for t = 0..T−1 from members' log p_i(x_t | x_<t) [M, T].
-
-    w_{i,t} = softmax_i(Σ_{s<t} log p_i(x_s | x_<s)) (uniform at t = 0); float64 throughout.
-    """
+def mixture_log_weights(member_logprobs: torch.Tensor) -> torch.Tensor:
+    """log w_{i,t} = log softmax_i(Σ_{s<t} log p_i(x_s | x_<s)) from [M, T] log-probs (uniform at t = 0)."""
     lp = member_logprobs.double()
     so_far = torch.cumsum(lp, dim=1) - lp  # log p_i(x_<t): exclusive prefix sums
-    log_w = so_far - torch.logsumexp(so_far, dim=0, keepdim=True)
-    return torch.logsumexp(log_w + lp, dim=0)
+    return so_far - torch.logsumexp(so_far, dim=0, keepdim=True)
 
 
-def _register(cls):
-    from lm_eval.api.registry import register_model
+def mixture_logprobs(member_logprobs: torch.Tensor) -> torch.Tensor:
+    """log p_mix(x_t | x_<t) = log Σ_i w_{i,t} p_i(x_t | x_<t) for t = 0..T−1 from members' [M, T] log-probs.
 
-    try:
-        return register_model("flexo-btm")(cls)
-    except ValueError:  # registered already under another class object (module reloaded)
+    w_{·,t} = softmax_i(−NLL_i(x_<t)), uniform at t = 0; float64 throughout.
+    """
+    return torch.logsumexp(mixture_log_weights(member_logprobs) + member_logprobs.double(), dim=0)
+
+
+def _register(name: str):
+    def decorate(cls):
+        try:
+            register_model(name)(cls)
+        except ValueError:  # the module was reloaded: the first class object stays registered
+            pass
         return cls
 
-
-def _template_lm():
-    from lm_eval.api.model import TemplateLM
-
-    return TemplateLM
+    return decorate
 
 
-@_register
-class BTMLM(_template_lm()):
+@_register("flexo-btm")
+class BTMLM(TemplateLM):
     """lm-eval model `flexo-btm`: a posterior-weighted ensemble of causal LMs sharing one tokenizer.
 
     `members`: model folders or loaded models (a string is split on `os.pathsep`, for
@@ -159,7 +161,7 @@ class BTMLM(_template_lm()):
 
     def __init__(self, members: Any, tokenizer: Any = None, names: Sequence[str] | None = None,
                  batch_size: int | str = 8, max_length: int | str = 256, device: str | None = None,
-                 **_ignored: Any) -> None:
+                 max_batch_size: int | None = None) -> None:  # max_batch_size: lm-eval passes it; unused
         super().__init__()
         from flexo.evaluation import default_device, load_tokenizer_for
 
@@ -185,7 +187,8 @@ class BTMLM(_template_lm()):
         self.tokenizer = tokenizer
         vocab = {m.config.vocab_size for m in self.models}
         if len(vocab) != 1:
-            raise FlexoError(f"flexo-btm members disagree on the vocabulary size {sorted(vocab)}: they must share a tokenizer")
+            raise FlexoError(f"flexo-btm members disagree on the vocabulary size {sorted(vocab)}: "
+                             "they must share a tokenizer")
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_token_id
@@ -259,12 +262,13 @@ class BTMLM(_template_lm()):
         lps, dists = self._member_scores(windows, dist_last=conts)
         out = []
         for j, k in enumerate(conts):
-            member_lp = torch.stack([lps[mi][j] for mi in range(len(self.models))])  # [M, T]
+            members = range(len(self.models))
+            member_lp = torch.stack([lps[mi][j] for mi in members])  # [M, T]
             mix = mixture_logprobs(member_lp)
             # greedy: the mixture's argmax over the vocabulary at each continuation position
-            so_far = torch.cumsum(member_lp, dim=1) - member_lp
-            log_w = (so_far - torch.logsumexp(so_far, dim=0, keepdim=True))[:, -k:]  # [M, k]
-            mix_dist = torch.logsumexp(log_w[..., None] + torch.stack([dists[mi][j] for mi in range(len(self.models))]).double(), dim=0)
+            log_w = mixture_log_weights(member_lp)[:, -k:]  # [M, k]
+            member_dist = torch.stack([dists[mi][j] for mi in members]).double()  # [M, k, V]
+            mix_dist = torch.logsumexp(log_w[..., None] + member_dist, dim=0)
             greedy = bool((mix_dist.argmax(-1) == torch.tensor(windows[j][-k:])).all())
             out.append((float(mix[-k:].sum()), greedy))
             self.cache_hook.add_partial("loglikelihood", requests[j][0], out[-1])
@@ -289,8 +293,9 @@ class BTMLM(_template_lm()):
         out, first = [], 0
         for ws, req in zip(per_doc, requests):
             # every token of the document is scored exactly once, in order: the windows' scored tails
+            empty = [torch.zeros(0, dtype=torch.float64)]
             member_lp = torch.stack([
-                torch.cat([lps[mi][first + w][-n:] for w, (_, n) in enumerate(ws)] or [torch.zeros(0, dtype=torch.float64)])
+                torch.cat([lps[mi][first + w][-n:] for w, (_, n) in enumerate(ws)] or empty)
                 for mi in range(len(self.models))
             ])
             first += len(ws)

@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import re
 import subprocess
@@ -350,12 +351,18 @@ def _mc_task(zf, task: str, variant: str, description: str = "") -> TaskData:
     docs, config = _olmes_docs(zf, task, variant)
     n_shots = config["task_config"]["num_shots"]
     first = docs[0][0]
-    prefix = first["request"]["context"][len(description) : len(first["request"]["context"]) - len(first["doc"]["query"])]
+    context = first["request"]["context"]
+    prefix = context[len(description) : len(context) - len(first["doc"]["query"])]
     demos = _demos(prefix, n_shots, task)
     test, ref = [], []
     for i, rows in enumerate(docs):
         doc = rows[0]["doc"]
-        row = {"id": str(doc.get("id", rows[0]["doc_id"])), "query": doc["query"], "choices": list(doc["choices"]), "gold": int(doc["gold"])}
+        row = {
+            "id": str(doc.get("id", rows[0]["doc_id"])),
+            "query": doc["query"],
+            "choices": list(doc["choices"]),
+            "gold": int(doc["gold"]),
+        }
         if any(not c for c in row["choices"]):
             raise FlexoError(f"{task}: item {i} has an empty answer choice (lm-eval cannot build it)")
         for r in rows:
@@ -413,7 +420,8 @@ def _gen_task(zf, task: str, variant: str, description: str, query_of, answers_o
         answers = [a for a in answers_of(doc) if a.strip()]
         if not answers:
             raise FlexoError(f"{task}: item {i} has no gold answer")
-        test.append({"id": str(r.get("native_id", r["doc_id"])), "query": query, "answer": answers[0], "answers": answers})
+        row_id = str(r.get("native_id", r["doc_id"]))
+        test.append({"id": row_id, "query": query, "answer": answers[0], "answers": answers})
         if i < 3:
             ref.append({"index": i, "context": context})
     fewshot = [{"id": f"demo-{k}", "query": q, "answer": a, "answers": [a]} for k, (q, a) in enumerate(demos or [])]
@@ -455,7 +463,8 @@ def _triviaqa(zf, n_test: int = 1000, n_shots: int = 5, seed: int = 1234) -> Tas
         ans = _literal(row["answer"])
         golds = list(dict.fromkeys([ans["value"], *ans.get("aliases", []), *ans.get("normalized_aliases", [])]))
         golds = [g for g in golds if g.strip()]
-        return {"id": row["question_id"], "query": f"Question: {row['question'].strip()}\nAnswer:", "answer": ans["value"], "answers": golds}
+        query = f"Question: {row['question'].strip()}\nAnswer:"
+        return {"id": row["question_id"], "query": query, "answer": ans["value"], "answers": golds}
 
     fewshot = [make(i) for i in order[:n_shots]]
     test = [make(i) for i in order[n_shots : n_shots + n_test]]
@@ -475,7 +484,8 @@ def _gsm8k(zf) -> TaskData:
                 raise FlexoError(f"gsm8k: item {i} prompt does not end with its question")
             demos = _demos(context[: len(context) - len(query)], n_shots, "gsm8k")
         _check_prompt("gsm8k", i, _render("", demos, query), context)
-        test.append({"id": str(doc["id"]), "query": query, "answer": doc["choices"][0], "short_answer": str(doc["short_answer"])})
+        gold = {"answer": doc["choices"][0], "short_answer": str(doc["short_answer"])}
+        test.append({"id": str(doc["id"]), "query": query, **gold})
         if i < 3:
             ref.append({"index": i, "context": context})
     fewshot = [
@@ -497,6 +507,8 @@ MINERVA_SUBJECTS = (
 
 
 def _minerva(zf, subject: str) -> TaskData:
+    from flexo.lm_tasks.utils import last_boxed
+
     task = f"minerva_math_{subject}"
     docs, config = _olmes_docs(zf, task, "gold_bpb_0shot")
     n_shots = config["task_config"]["num_shots"]
@@ -508,7 +520,10 @@ def _minerva(zf, subject: str) -> TaskData:
             prefix = context[: len(context) - len(doc["query"])]
             demos = _demos(prefix, n_shots, task, boundary=r"\n\n(?=Problem:\n)")
         _check_prompt(task, i, _render("", demos, doc["query"]), context)
-        test.append({"id": str(doc["index"]), "query": doc["query"], "solution": doc["solution"], "answer": doc["answer"]})
+        # Gold = the reference solution's boxed answer, raw: it is normalised like the model's answer at
+        # scoring time. (OLMES's pre-normalised "answer" field is lossy: "4,6,14,15" became "461415".)
+        gold = last_boxed(doc["solution"]) or doc["answer"]
+        test.append({"id": str(doc["index"]), "query": doc["query"], "solution": doc["solution"], "answer": gold})
         if i < 3:
             ref.append({"index": i, "context": context})
     fewshot = [{"id": f"demo-{k}", "query": q, "solution": a, "answer": ""} for k, (q, a) in enumerate(demos or [])]
@@ -518,8 +533,16 @@ def _minerva(zf, subject: str) -> TaskData:
 # Asserts for the three OLMES MBPP demonstrations, written for flexo (OLMES's prompt shows none);
 # prepare_benchmarks runs each demonstration's code against them before using them.
 MBPP_DEMO_TESTS: dict[str, list[str]] = {
-    "is_not_prime": ["assert is_not_prime(7) == False", "assert is_not_prime(12) == True", "assert is_not_prime(49) == True"],
-    "find_Rotations": ['assert find_Rotations("aaaa") == 1', 'assert find_Rotations("abab") == 2', 'assert find_Rotations("xyz") == 3'],
+    "is_not_prime": [
+        "assert is_not_prime(7) == False",
+        "assert is_not_prime(12) == True",
+        "assert is_not_prime(49) == True",
+    ],
+    "find_Rotations": [
+        'assert find_Rotations("aaaa") == 1',
+        'assert find_Rotations("abab") == 2',
+        'assert find_Rotations("xyz") == 3',
+    ],
     "heap_queue_largest": [
         "assert heap_queue_largest([4, 9, 1, 7, 3], 2) == [9, 7]",
         "assert heap_queue_largest([10, 20, 30], 1) == [30]",
@@ -540,7 +563,8 @@ def _mbpp(zf) -> TaskData:
     tail = first["doc"]["text"] + "\n```python\n"
     prefix = first["request"]["context"][: -len(tail)]
     blocks = re.findall(r"(.+?)\n```python\n(.*?)\n```\n\n", prefix, flags=re.DOTALL)
-    if len(blocks) != config["task_config"]["num_shots"] or "".join(f"{t}\n```python\n{c}\n```\n\n" for t, c in blocks) != prefix:
+    rebuilt = "".join(f"{t}\n```python\n{c}\n```\n\n" for t, c in blocks)
+    if len(blocks) != config["task_config"]["num_shots"] or rebuilt != prefix:
         raise FlexoError("codex_mbpp: could not split the OLMES demonstrations")
     fewshot = []
     for k, (text, code) in enumerate(blocks):
@@ -548,7 +572,15 @@ def _mbpp(zf) -> TaskData:
         tests = MBPP_DEMO_TESTS[name]
         if not run_python(code + "\n" + "\n".join(tests) + "\n"):
             raise FlexoError(f"codex_mbpp: demonstration {name} fails the asserts written for it")
-        fewshot.append({"id": f"demo-{k}", "query": mbpp_query(text, tests), "answer": code + "\n```", "test_list": tests, "test_setup_code": ""})
+        fewshot.append(
+            {
+                "id": f"demo-{k}",
+                "query": mbpp_query(text, tests),
+                "answer": code + "\n```",
+                "test_list": tests,
+                "test_setup_code": "",
+            }
+        )
     test = []
     for rows in docs:
         doc = rows[0]["doc"]
@@ -586,7 +618,10 @@ def _sciriff(zf) -> dict[str, TaskData]:
             raise FlexoError(f"sciriff_yesno: unexpected SciRIFF task {sid!r}")
         out[sid].append({"id": doc["id"], "query": query, "choices": list(doc["choices"]), "gold": int(doc["gold"])})
     src = f"{_TASKS}/sciriff_yesno/rc_5shot"
-    return {"sciriff_bioasq_yesno": TaskData(out["bioasq_yesno_qa"], [], src, []), "sciriff_pubmedqa": TaskData(out["pubmedqa_qa"], [], src, [])}
+    return {
+        "sciriff_bioasq_yesno": TaskData(out["bioasq_yesno_qa"], [], src, []),
+        "sciriff_pubmedqa": TaskData(out["pubmedqa_qa"], [], src, []),
+    }
 
 
 def _mmlu(zf) -> dict[str, TaskData]:
@@ -601,7 +636,14 @@ def _mmlu(zf) -> dict[str, TaskData]:
             for k, row in enumerate(_arrow_rows(zf, f"{root}/{subject}/{split}")):
                 choices = _literal(row["choices"])
                 opts = "".join(f"\n{letter}. {c}" for letter, c in zip(letters, choices))
-                rows.append({"id": f"{subject}-{split}-{k}", "query": f"{row['question'].strip()}{opts}\nAnswer:", "choices": letters[: len(choices)], "gold": int(row["answer"])})
+                rows.append(
+                    {
+                        "id": f"{subject}-{split}-{k}",
+                        "query": f"{row['question'].strip()}{opts}\nAnswer:",
+                        "choices": letters[: len(choices)],
+                        "gold": int(row["answer"]),
+                    }
+                )
             return rows
 
         out[subject] = TaskData(rows_of("test"), rows_of("dev"), f"{root}/{subject}", [])
@@ -681,6 +723,10 @@ def _dump_yaml(path: Path, header: str, config: dict) -> None:
     path.write_text(header + text, encoding="utf-8")
 
 
+def _split_files(folder: Path) -> dict[str, str]:
+    return {split: str(folder.resolve() / f"{split}.jsonl") for split in ("test", "fewshot")}
+
+
 def render_task_folder(tasks_dir: Path, data_dir: Path, mmlu_subjects: Sequence[str]) -> None:
     """Copy the templates of flexo/lm_tasks with absolute data paths; write the per-subject tasks."""
     tasks_dir.mkdir(parents=True, exist_ok=True)
@@ -699,8 +745,9 @@ def render_task_folder(tasks_dir: Path, data_dir: Path, mmlu_subjects: Sequence[
                 "include": "_flexo_mmlu_template_yaml",
                 "task": f"flexo_mmlu_{subject}",
                 "task_alias": subject.replace("_", " "),
-                "description": f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n",
-                "dataset_kwargs": {"data_files": {s: str(data_dir.resolve() / "mmlu" / subject / f"{s}.jsonl") for s in ("test", "fewshot")}},
+                "description": "The following are multiple choice questions (with answers) about "
+                f"{subject.replace('_', ' ')}.\n\n",
+                "dataset_kwargs": {"data_files": _split_files(data_dir / "mmlu" / subject)},
             },
         )
     _dump_yaml(
@@ -722,7 +769,7 @@ def render_task_folder(tasks_dir: Path, data_dir: Path, mmlu_subjects: Sequence[
                 "include": "_flexo_minerva_template_yaml",
                 "task": f"flexo_minerva_math_{subject}",
                 "task_alias": subject.replace("_", " "),
-                "dataset_kwargs": {"data_files": {s: str(data_dir.resolve() / "minerva_math" / subject / f"{s}.jsonl") for s in ("test", "fewshot")}},
+                "dataset_kwargs": {"data_files": _split_files(data_dir / "minerva_math" / subject)},
             },
         )
     _dump_yaml(
@@ -824,7 +871,7 @@ def prepare_benchmarks(cache_dir: Path, out_dir: Path) -> Path:
                 },
             },
         )
-    log.info("benchmarks: %d data folders and the task folder written to %s in %.1fs", len(data), out_dir, time.time() - t0)
+    log.info("benchmarks: %d data folders + tasks written to %s in %.1fs", len(data), out_dir, time.time() - t0)
     return out_dir / "tasks"
 
 
@@ -919,6 +966,10 @@ def run_flexolmo31(
             f"not members{' with offline data' if only_offline else ''} of {SUITE_GROUP}: {unknown}; "
             f"choose from {allowed}"
         )
+    if {"mbpp_plus", "humaneval_plus"} & set(names):
+        # The stock code tasks score through the `evaluate` library's code_eval metric, which refuses to
+        # execute model code without this flag; confirm_run_unsafe_code below is the same consent.
+        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")
     t0 = time.time()
     out = lm_eval.simple_evaluate(
         model="hf",

@@ -9,8 +9,29 @@ from flexo.cli import register
 
 
 @register
-def _status(sub):
-    from stages.status import add_cli
+def _merge(sub):
+    from stages.merge import add_cli
+
+    add_cli(sub)
+
+
+@register
+def _opt_out(sub):
+    from stages.optout import add_cli
+
+    add_cli(sub)
+
+
+@register
+def _router_tune(sub):
+    from stages.router_tune import add_cli
+
+    add_cli(sub)
+
+
+@register
+def _evaluate(sub):
+    from stages.evaluate import add_cli
 
     add_cli(sub)
 
@@ -18,5 +39,12 @@ def _status(sub):
 @register
 def _attribute(sub):
     from stages.attribute import add_cli
+
+    add_cli(sub)
+
+
+@register
+def _status(sub):
+    from stages.status import add_cli
 
     add_cli(sub)

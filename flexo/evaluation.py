@@ -145,11 +145,28 @@ def load_tokenizer_for(model_dir: Path, fallback: Path | None = None):
 
 
 def hf_lm(model, tokenizer, *, batch_size: int, max_length: int):
-    """lm-eval's HF backend over an already loaded (possibly modified) model."""
+    """lm-eval's HF backend over an already loaded (possibly modified) model.
+
+    The same scoring as `HFLM`; only its per-batch progress bars are off (one bar per batch of windows
+    floods a log), and its warning that an in-memory model skips device placement (flexo places it).
+    """
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
-                max_length=max_length)
+    class QuietHFLM(HFLM):
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+
+    hf_log = logging.getLogger(HFLM.__module__)
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)
+    try:
+        return QuietHFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+                         max_length=max_length)
+    finally:
+        hf_log.setLevel(level)
 
 
 def evaluate_model(

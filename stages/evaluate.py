@@ -74,7 +74,7 @@ class _Job:
         self.name, self.make = name, make
 
 
-def _plan(params: Params, layout: Layout, tokenizer, cache: "_ModelCache") -> list[_Job]:
+def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "_ModelCache") -> list[_Job]:
     from flexo.modeling import read_meta
 
     merged = _require_model(layout.merged, "merged model", "merge")
@@ -101,7 +101,7 @@ def _plan(params: Params, layout: Layout, tokenizer, cache: "_ModelCache") -> li
 
         with contextlib.ExitStack() as stack:
             members = [stack.enter_context(cache.use(p)) for p in [layout.public_model, *expert_models.values()]]
-            yield BTMLM(members, tokenizer=tokenizer, names=[PUBLIC, *params.owners],
+            yield BTMLM(members, tokenizer=tokenizer(), names=[PUBLIC, *params.owners],
                         batch_size=params.evaluate.batch_size, max_length=params.evaluate.max_length)
 
     def optout(owner: str):
@@ -204,11 +204,12 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
     from tqdm.auto import tqdm
 
     started = time.time()
+    _require_model(layout.public_model, "public model", "train-public")
+    cache = _ModelCache()
+    jobs = _plan(params, layout, lambda: tokenizer, cache)  # checks every input before anything is written
+    _count_uses(params, layout, cache, jobs)
     tokenizer = load_tokenizer_for(layout.public_model, layout.tokenizer)
     tasks_dir = write_domain_tasks(layout, domains, domains_tasks_dir(layout))
-    cache = _ModelCache()
-    jobs = _plan(params, layout, tokenizer, cache)
-    _count_uses(params, layout, cache, jobs)
     ev = params.evaluate
     bpb: dict[str, dict[str, float]] = {}
     eval_s: dict[str, float] = {}
@@ -232,6 +233,11 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
                "limit": limit or 0, "max_length": ev.max_length}
 
     out = layout.results
+    # Raw results of models no longer in the plan (a withdrawn owner, baselines turned off) would be stale.
+    keep = {f"{model_file_name(m)}.json" for m in bpb}
+    for stale in (out / "lm_eval").glob("*.json"):
+        if stale.name not in keep:
+            stale.unlink()
     write_json(out / "metrics.json", metrics)
     with atomic_file(out / "table.md") as f:
         f.write(render_table(bpb, domains, owners, limit=limit, max_length=ev.max_length))
@@ -240,8 +246,23 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
         f.write(render_optout(optout, bpb["flexolmo"], domains, owners))
     plot_bpb(out / "bpb.png", bpb, domains, owners)
     plot_optout(out / "optout.png", optout, bpb["flexolmo"], domains)
-    metrics["outputs"] = [str(out / n) for n in ("metrics.json", "table.md", "bpb.png", "optout.md", "optout.png")]
+    # Which expert each domain's tokens go to, layer by layer, for every model with more than one expert.
+    from stages.attribute import routing_analysis
+
+    routed = {"flexolmo": layout.merged, **{f"expert:{o}": layout.expert(o) / "model" for o in owners}}
+    if "flexolmo-rt" in bpb:
+        routed["flexolmo-rt"] = layout.merged_rt
+    metrics["routing"] = _routing_summary(routing_analysis(params, layout, routed))
+    write_json(out / "metrics.json", metrics)
+    metrics["outputs"] = [str(out / n) for n in ("metrics.json", "table.md", "bpb.png", "optout.md", "optout.png",
+                                                 "routing")]
     return metrics
+
+
+def _routing_summary(analysis: dict) -> dict:
+    """Per model and domain: the mean routing probability of each expert over all layers."""
+    return {model: {d: {e: round(v, 4) for e, v in shares.items()} for d, shares in row["prob_share"].items()}
+            for model, row in analysis.get("models", {}).items()}
 
 
 def _evaluate_flexolmo31(params: Params, layout: Layout, *, model: Path | None, limit: int | None) -> dict:

@@ -30,7 +30,7 @@ from flexo.fsutil import atomic_dir
 from flexo.modeling import read_meta, with_experts, write_meta
 from flexo.params import PUBLIC
 from stages.merge import (
-    FFN_PARTS, ShardWriter, WeightReader, copy_support_files, shared_keys, write_config, write_model_card,
+    ShardWriter, WeightReader, copy_support_files, shared_keys, write_config, write_model_card,
 )
 
 log = logging.getLogger(__name__)

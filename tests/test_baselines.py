@@ -170,3 +170,19 @@ def test_btm_with_one_member_scores_like_hflm(parts, tmp_path):
     assert btm["beta"] == pytest.approx(hf["beta"], abs=1e-5)
     raw = json.loads((tmp_path / "btm.json").read_text())
     assert raw["results"]["flexo_domain_beta"]["bits_per_byte,none"] == pytest.approx(btm["beta"])
+
+
+def test_btm_is_an_lm_eval_model(parts):
+    import os
+
+    from lm_eval.api.registry import get_model
+
+    layout = parts[0]
+    members = os.pathsep.join([str(layout.public_model), str(layout.expert("beta") / "model")])
+    lm = get_model("flexo-btm").create_from_arg_string(f"members={members},max_length=32",
+                                                        {"batch_size": 2, "device": "cpu", "max_batch_size": None})
+    assert isinstance(lm, BTMLM) and len(lm.models) == 2 and lm.max_length == 32 and lm.batch_size == 2
+    (ll,) = lm.loglikelihood_rolling([_instance("loglikelihood_rolling", ("Calculate 2 + 2. Answer: 4",))])
+    assert math.isfinite(ll) and ll < 0
+    with pytest.raises(NotImplementedError):
+        lm.generate_until([])

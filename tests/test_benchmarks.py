@@ -194,11 +194,16 @@ def test_qa_scores_are_squad_style():
 def test_math_answers_are_extracted_and_normalised():
     assert U.gsm8k_extract("18 - 4 = 14 eggs. So the answer is 1,400.") == "1400"
     assert U.gsm8k_extract("about 3 or maybe 7") == "7"
+    assert U.gsm8k_extract("It was - 3 degrees. So the answer is - 3.") == "-3"
     assert U.process_gsm8k({"short_answer": "18"}, ["So the answer is $18."]) == {"exact_match": 1.0}
     gen = "We get $\\boxed{\\dfrac{2}{3}}$.\nFinal Answer: The final answer is $\\frac23$. I hope it is correct."
     assert U.process_minerva({"answer": "\\frac{2}{3}"}, [gen]) == {"exact_match": 1.0}
     assert U.process_minerva({"answer": "5"}, ["so it is \\boxed{5 \\text{ cm}}"]) == {"exact_match": 1.0}
     assert U.process_minerva({"answer": "5"}, ["no answer here"]) == {"exact_match": 0.0}
+    assert U.process_minerva({"answer": "(-\\infty, 0)"}, ["$\\boxed{\\left(-\\infty,0\\right)}$"])["exact_match"] == 1.0
+    assert U.process_minerva({"answer": "4,6,14,15"}, ["\\boxed{4, 6, 14, 15}"])["exact_match"] == 1.0
+    assert U.process_minerva({"answer": "4,6,14,15"}, ["\\boxed{461415}"])["exact_match"] == 0.0
+    assert U.process_minerva({"answer": "\\frac9{5}"}, ["\\boxed{\\dfrac{9}{5}}"])["exact_match"] == 1.0
 
 
 def test_code_is_executed_against_the_problems_tests(tasks_dir):
@@ -251,6 +256,46 @@ def test_without_a_judge_the_score_is_nan_not_a_number(tm, monkeypatch, caplog):
     # A FLEXO_JUDGE_MODEL that is neither a folder nor paired with a URL configures no judge.
     monkeypatch.setenv("FLEXO_JUDGE_MODEL", "no-such-model")
     assert J.current_judge() is None
+
+
+def test_judge_from_env_openai_compatible_server_and_local_folder(monkeypatch, tiny_model):
+    """FLEXO_JUDGE_URL + FLEXO_JUDGE_MODEL: chat completions; FLEXO_JUDGE_MODEL alone: a local model."""
+    import http.server
+    import threading
+
+    seen: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            seen.append({"path": self.path, "body": json.loads(self.rfile.read(int(self.headers["Content-Length"])))})
+            body = json.dumps({"choices": [{"message": {"content": "Score: 5"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    J.set_judge(None)
+    try:
+        monkeypatch.setenv("FLEXO_JUDGE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+        monkeypatch.setenv("FLEXO_JUDGE_MODEL", "judge-model")
+        assert J.judge_score("poem", "Write a poem about rain.", "Rain, rain.") == 100.0
+    finally:
+        server.shutdown()
+    (call,) = seen
+    assert call["path"] == "/v1/chat/completions" and call["body"]["model"] == "judge-model"
+    assert "Write a poem about rain." in call["body"]["messages"][0]["content"]
+
+    monkeypatch.delenv("FLEXO_JUDGE_URL")
+    monkeypatch.setenv("FLEXO_JUDGE_MODEL", str(tiny_model))
+    assert isinstance(J.current_judge(), J.TransformersJudge)
+    score = J.judge_score("news", "Write a news article.", "Text.")  # a random model: almost surely NaN
+    assert math.isnan(score) or 0.0 <= score <= 100.0
 
 
 def test_summary_is_the_plain_mean_of_groups_and_nan_when_incomplete():

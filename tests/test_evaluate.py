@@ -170,3 +170,46 @@ def test_bad_suite_and_limit(evaluated):
         evaluate(params, layout, suite="nope")
     with pytest.raises(FlexoError, match="limit"):
         evaluate(params, layout, limit=-1)
+
+
+def test_missing_merged_model_is_a_one_line_error_and_writes_nothing(tiny_project):
+    from stages.evaluate import evaluate
+
+    params = load_params(tiny_project.params)
+    with pytest.raises(FlexoError, match="flexo merge"):
+        evaluate(params, tiny_project)
+    assert not tiny_project.results.exists()
+
+
+def test_plan_has_flexolmo_rt_only_when_tuned(evaluated, tmp_path):
+    import dataclasses
+
+    from stages.evaluate import _ModelCache, _plan
+
+    layout, params, _, _ = evaluated
+    fake = Layout.at(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "public").symlink_to(layout.public_model)
+    (tmp_path / "models" / "merged").symlink_to(layout.merged)
+    shutil.copytree(layout.merged, fake.merged_rt)
+    meta = json.loads((fake.merged_rt / "flexo.json").read_text())
+    no_baselines = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, baselines=False))
+
+    def names(p):
+        return [j.name for j in _plan(p, fake, lambda: None, _ModelCache())]
+
+    (fake.merged_rt / "flexo.json").write_text(json.dumps(dict(meta, kind="merged-rt", tuned=True)))
+    assert names(no_baselines) == ["public", "flexolmo", "flexolmo-rt"]
+    (fake.merged_rt / "flexo.json").write_text(json.dumps(dict(meta, kind="merged-rt", tuned=False)))
+    assert names(no_baselines) == ["public", "flexolmo"]  # an untuned copy would only repeat flexolmo
+    with pytest.raises(FlexoError, match="train-expert --owner alpha"):
+        names(params)  # baselines need every owner's model, which the fake project lacks
+
+
+def test_reports_without_optouts(tmp_path):
+    from stages.evaluate import plot_optout, render_optout
+
+    full = {"public": 3.0, "alpha": 4.0}
+    assert "No opt-out was evaluated" in render_optout({}, full, ["public", "alpha"], ["alpha"])
+    plot_optout(tmp_path / "o.png", {}, full, ["public", "alpha"])
+    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"

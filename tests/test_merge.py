@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import stages.merge as merge_mod
 from flexo.errors import FlexoError
 from flexo.fsutil import sha256_file
-from flexo.modeling import load_model, read_meta
+from flexo.modeling import fingerprint, load_model, read_meta
 from flexo.params import load_params
 from stages.merge import WeightReader, merge
 
@@ -139,6 +139,32 @@ def test_two_shards_load_and_equal_one_shard(ctx, merged, tmp_path, tokens):
     assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in one.values())
     assert torch.equal(logits(out, tokens), logits(merged, tokens))
+
+
+def test_public_model_in_fused_form_merges_the_same(ctx, merged, tmp_path):
+    """A public folder holding the fused in-memory form (experts.gate_up_proj [1, 2I, H]) merges identically."""
+    params, layout = ctx
+    pub = tmp_path / "public-fused"
+    shutil.copytree(layout.public_model, pub)
+    t = load_file(pub / "model.safetensors")
+    for i in range(params.model.num_layers):
+        p = f"model.layers.{i}.mlp.experts."
+        gate, up, down = (t.pop(f"{p}0.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj"))
+        t[f"{p}gate_up_proj"] = torch.cat([gate, up])[None]
+        t[f"{p}down_proj"] = down[None]
+    save_file(t, str(pub / "model.safetensors"), metadata={"format": "pt"})
+    meta = json.loads((pub / "flexo.json").read_text())
+    meta["fingerprint"] = fingerprint(pub)
+    (pub / "flexo.json").write_text(json.dumps(meta))
+    for owner in ("alpha", "beta"):  # packages name the public model they were trained on
+        pkg = _package_copy(layout, owner, tmp_path / owner)
+        m = json.loads((pkg / "expert.json").read_text())
+        m["public_fingerprint"] = meta["fingerprint"]
+        (pkg / "expert.json").write_text(json.dumps(m))
+    out = tmp_path / "m"
+    merge(params, layout, public=pub, experts=[tmp_path / "alpha", tmp_path / "beta"], out=out)
+    a, b = all_tensors(out), all_tensors(merged)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_merge_streams_one_layer_at_a_time(ctx, tmp_path, monkeypatch):

@@ -58,11 +58,11 @@ def process_qa(doc: dict, results: list[str]) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- GSM8K
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
-_THE_ANSWER = re.compile(r"answer is\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+_THE_ANSWER = re.compile(r"answer is\s*\$?\s*(-?\s?[\d,]*\.?\d+)", re.IGNORECASE)
 
 
 def _clean_number(text: str) -> str:
-    text = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    text = text.replace(",", "").replace("$", "").replace(" ", "").strip().rstrip(".")
     try:
         value = float(text)
     except ValueError:
@@ -135,6 +135,7 @@ def normalize_math_answer(answer: str) -> str:
     # \frac12 -> \frac{1}{2}; \sqrt3 -> \sqrt{3}
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
     s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
     # 1,000 -> 1000 (only for plain numbers); 5.0 -> 5; 0.5 stays
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):

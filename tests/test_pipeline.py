@@ -1,0 +1,102 @@
+"""The pipeline as DVC runs it, on the tiny project: `dvc repro` end to end, an owner adding data,
+an owner withdrawing, `flexo status`, and the Prefect flows over the same stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_tiny_project
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env(root: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env.update(DVC_NO_ANALYTICS="1", FLEXO_DOWNLOADS=str(REPO / ".cache" / "test-downloads"),
+               DVC_SITE_CACHE_DIR=str(root / ".cache" / "dvc-site"))
+    return env
+
+
+def sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(cmd), cwd=root, env=_env(root), capture_output=True, text=True)
+    if check and r.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def new_dvc_project(root: Path) -> Path:
+    """A git + DVC clone-alike of this repository with the tiny params and two owners."""
+    make_tiny_project(root)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    for package in ("flexo", "stages"):  # code deps of dvc.yaml; the installed package runs the stages
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    sh(root, "git", "init", "-q")
+    sh(root, "dvc", "init", "-q")
+    sh(root, "dvc", "config", "core.analytics", "false")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")
+    return root
+
+
+def lock_stages(root: Path) -> set[str]:
+    return set((yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {}))
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory):
+    root = new_dvc_project(tmp_path_factory.mktemp("dvc") / "proj")
+    sh(root, "dvc", "repro")
+    return root
+
+
+def test_repro_runs_every_stage_and_is_then_up_to_date(repro_project):
+    root = repro_project
+    assert {"curate_public", "tokenizer", "train_public", "curate@alpha", "train_expert@beta", "merge",
+            "router_tune", "evaluate"} <= lock_stages(root)
+    metrics = json.loads((root / "results" / "metrics.json").read_text())
+    assert set(metrics["bpb"]) >= {"public", "flexolmo", "flexolmo-rt", "soup", "btm", "expert:alpha",
+                                   "optout:beta"}
+    assert sh(root, "dvc", "status", "--quiet", check=False).returncode == 0
+    status = json.loads(sh(root, "flexo", "status", "--json").stdout)
+    assert status["would_rerun"] == [] and status["owners"]["alpha"]["expert"] == "current"
+
+
+def test_adding_a_document_makes_only_that_owner_and_the_fan_in_stale(repro_project):
+    root = repro_project
+    (root / "data" / "owners" / "beta" / "more.txt").write_text(
+        "\n".join(f"Calculate {i} + {i * 7}. Answer: {i * 8}" for i in range(40)))
+    status = json.loads(sh(root, "flexo", "status", "--json").stdout)
+    assert status["changed"] == ["curate@beta"]
+    assert sorted(status["would_rerun"]) == sorted(
+        ["curate@beta", "embed@beta", "train_expert@beta", "merge", "router_tune", "evaluate"])
+    assert status["owners"]["beta"]["expert"] == "stale" and status["owners"]["alpha"]["expert"] == "current"
+    sh(root, "dvc", "repro")
+    assert sh(root, "dvc", "status", "--quiet", check=False).returncode == 0
+
+
+def test_withdrawing_an_owner_leaves_no_trace(repro_project):
+    root = repro_project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["owners"] = ["alpha"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(root, "dvc", "repro")
+    assert not [s for s in lock_stages(root) if s.endswith("@beta")]
+    assert not (root / "models" / "experts" / "beta").exists()
+    assert not list((root / "models" / "router").glob("beta.*"))
+    assert not (root / "data" / "curated" / "beta").exists() and not (root / "data" / "heldout" / "beta").exists()
+    assert json.loads((root / "models" / "merged" / "flexo.json").read_text())["experts"] == ["public", "alpha"]
+    metrics = (root / "results" / "metrics.json").read_text()
+    assert "beta" not in metrics
+    assert "beta" not in (root / "results" / "table.md").read_text()
+    assert sh(root, "dvc", "status", "--quiet", check=False).returncode == 0
