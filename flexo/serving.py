@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -125,26 +126,51 @@ class FlexoServer:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, prompt: str, exclude: Sequence[str] = (), max_new_tokens: int = 32) -> str:
-        """Greedy continuation of `prompt` (the new text only)."""
+    def respond(self, prompt: str, exclude: Sequence[str] = (), max_new_tokens: int = 32) -> "Response":
+        """Greedy continuation of `prompt`, with the attribution of the request as served: the share of
+        routing weight each owner's expert received over the prompt and every generated token."""
+        from flexo.attribution import recording
+
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self._device())
         with self._lock, runtime_opt_out(self.model, self.experts, exclude):
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            with recording(self.model, self.experts, excluded=list(exclude)) as rec:
+                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return Response(text=text, loglik=None, attribution=rec[0].to_dict())
+
+    def generate(self, prompt: str, exclude: Sequence[str] = (), max_new_tokens: int = 32) -> str:
+        """Greedy continuation of `prompt` (the new text only)."""
+        return self.respond(prompt, exclude, max_new_tokens).text
 
     @torch.no_grad()
-    def score(self, text: str, exclude: Sequence[str] = ()) -> float:
-        """Total log-likelihood (nats) of `text`'s tokens, each given the ones before it; the first token is
-        conditioned on EOS, the document separator the models were trained with."""
+    def score_request(self, text: str, exclude: Sequence[str] = ()) -> "Response":
+        """Total log-likelihood (nats) of `text`'s tokens, each given the ones before it (the first token is
+        conditioned on EOS, the document separator the models were trained with), with its attribution."""
+        from flexo.attribution import recording
+
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
-            return 0.0
+            raise FlexoError("cannot score an empty text: pass at least one character")
         max_len = self.model.config.max_position_embeddings
         if len(ids) + 1 > max_len:
             raise FlexoError(f"text of {len(ids)} tokens is longer than the model's {max_len} positions: split it")
         x = torch.tensor([[self.tokenizer.eos_token_id, *ids]], device=self._device())
         with self._lock, runtime_opt_out(self.model, self.experts, exclude):
-            logits = self.model(input_ids=x).logits.float()
+            with recording(self.model, self.experts, skip_first=1, excluded=list(exclude)) as rec:
+                logits = self.model(input_ids=x).logits.float()
         logp = torch.log_softmax(logits[0, :-1], dim=-1)
-        return float(logp.gather(1, x[0, 1:, None]).sum())
+        return Response(text=None, loglik=float(logp.gather(1, x[0, 1:, None]).sum()), attribution=rec[0].to_dict())
+
+    def score(self, text: str, exclude: Sequence[str] = ()) -> float:
+        """Total log-likelihood (nats) of `text` under the model with `exclude` opted out."""
+        return self.score_request(text, exclude).loglik
+
+
+@dataclass
+class Response:
+    """What a request got back: the generated text or the log-likelihood, and which experts served it."""
+
+    text: str | None
+    loglik: float | None
+    attribution: dict  # Attribution.to_dict(): prob/gate/top-1 share per expert, overall and per layer
