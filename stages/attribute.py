@@ -151,7 +151,8 @@ def heldout_texts(layout: Layout, domain: str, limit: int) -> list[str]:
 
 
 def routing_analysis(params: Params, layout: Layout, models: dict[str, Path], *,
-                     documents: int | None = None, max_tokens: int | None = None) -> dict:
+                     documents: int | None = None, max_tokens: int | None = None,
+                     domains: list[str] | None = None) -> dict:
     """Route every domain's held-out documents through each model with more than one expert and write
     `results/routing/<model>.{json,md,png}`. Returns {"models": {name: {files, experts, prob_share per
     domain}}, "skipped": {name: why}}.
@@ -162,7 +163,7 @@ def routing_analysis(params: Params, layout: Layout, models: dict[str, Path], *,
 
     limit = int(documents or params.evaluate.limit or DEFAULT_DOCUMENTS)
     max_tokens = int(max_tokens or params.model.max_seq_len or DEFAULT_MAX_TOKENS)
-    domains = [PUBLIC, *params.owners]
+    domains = domains or [PUBLIC, *params.owners]
     texts = {d: heldout_texts(layout, d, limit) for d in domains}
     out_dir = layout.results / "routing"
     done, skipped = {}, {}

@@ -179,10 +179,23 @@ def evaluate(params: Params, layout: Layout, *, suite: str = "domains", model: P
     limit = _effective_limit(params, limit)
     if suite == "flexolmo31":
         return _evaluate_flexolmo31(params, layout, model=model, limit=limit)
-    domains = [PUBLIC, *params.owners]
+    domains = available_domains(params, layout)
     if model is not None:
         return _evaluate_one(params, layout, Path(model), domains, limit)
     return _evaluate_all(params, layout, domains, limit)
+
+
+def available_domains(params: Params, layout: Layout) -> list[str]:
+    """`public` plus every owner whose held-out split is here. A central clone has none of the owners'
+    (their data stays with them: `push: false`), so it evaluates on public data only."""
+    domains = [PUBLIC]
+    for owner in params.owners:
+        if layout.split_file(owner, "test").is_file():
+            domains.append(owner)
+        else:
+            log.warning("no held-out split for owner %s here (owner data stays with its owner): "
+                        "evaluating without that domain", owner)
+    return domains
 
 
 def _evaluate_one(params: Params, layout: Layout, model_dir: Path, domains: list[str], limit: int | None) -> dict:
@@ -227,7 +240,7 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
                   + f" ({eval_s[job.name]:.0f}s)")
     bpb = {j.name: bpb[j.name] for j in jobs}  # back to the plan's (table) order
     eval_s = {j.name: eval_s[j.name] for j in jobs}
-    owners = list(params.owners)
+    owners = [d for d in domains if d != PUBLIC]
     avg = {m: round(_mean([s[d] for d in owners]), 6) for m, s in bpb.items()}
     metrics = {"bpb": bpb, "avg_owner_bpb": avg, "wall_s": round(time.time() - started, 1), "eval_s": eval_s,
                "limit": limit or 0, "max_length": ev.max_length}
@@ -252,7 +265,7 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
     routed = {"flexolmo": layout.merged, **{f"expert:{o}": layout.expert(o) / "model" for o in owners}}
     if "flexolmo-rt" in bpb:
         routed["flexolmo-rt"] = layout.merged_rt
-    metrics["routing"] = _routing_summary(routing_analysis(params, layout, routed))
+    metrics["routing"] = _routing_summary(routing_analysis(params, layout, routed, domains=domains))
     write_json(out / "metrics.json", metrics)
     metrics["outputs"] = [str(out / n) for n in ("metrics.json", "table.md", "bpb.png", "optout.md", "optout.png",
                                                  "routing")]

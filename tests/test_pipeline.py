@@ -1,5 +1,6 @@
-"""The pipeline as DVC runs it, on the tiny project: `dvc repro` end to end, an owner adding data,
-an owner withdrawing, `flexo status`, and the Prefect flows over the same stages."""
+"""The pipeline as DVC and Prefect run it, on the tiny project: the Prefect pipeline flow end to end
+(each task a DVC stage), an owner adding data, an owner withdrawing, `flexo status`, and the exchange
+through a DVC remote: owners push packages, a central clone with no owner data merges and evaluates."""
 
 from __future__ import annotations
 
@@ -54,13 +55,26 @@ def lock_stages(root: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def repro_project(tmp_path_factory):
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory, prefect_harness):
+    """The tiny project built by the Prefect pipeline flow (not by `dvc repro`)."""
+    from flows.pipeline import pipeline
+
     root = new_dvc_project(tmp_path_factory.mktemp("dvc") / "proj")
-    sh(root, "dvc", "repro")
+    os.environ["FLEXO_DOWNLOADS"] = str(REPO / ".cache" / "test-downloads")
+    states = pipeline(root=str(root), max_parallel_owners=2)
+    assert set(states.values()) == {"ran"}, states
     return root
 
 
-def test_repro_runs_every_stage_and_is_then_up_to_date(repro_project):
+def test_prefect_flow_ran_every_stage_as_dvc_would(repro_project):
     root = repro_project
     assert {"curate_public", "tokenizer", "train_public", "curate@alpha", "train_expert@beta", "merge",
             "router_tune", "evaluate"} <= lock_stages(root)
@@ -100,3 +114,49 @@ def test_withdrawing_an_owner_leaves_no_trace(repro_project):
     assert "beta" not in metrics
     assert "beta" not in (root / "results" / "table.md").read_text()
     assert sh(root, "dvc", "status", "--quiet", check=False).returncode == 0
+
+
+def test_central_clone_without_owner_data_merges_from_the_remote(repro_project, tmp_path, prefect_harness):
+    """Owners push their packages to a DVC remote; a central clone that has none of their data pulls
+    the packages and public artifacts, merges, tunes and evaluates on public data."""
+    from flows.central import central_flow
+
+    owners_side = repro_project
+    remote = tmp_path / "remote"
+    sh(owners_side, "dvc", "remote", "add", "-f", "-d", "store", str(remote))
+    sh(owners_side, "dvc", "push")
+    sh(owners_side, "git", "add", "-A")
+    sh(owners_side, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "packages")
+    # Nothing of the owners' text went to the remote: their curated data is `push: false`.
+    pushed = {p.name for p in remote.rglob("*") if p.is_file()}
+    for owner in yaml.safe_load((owners_side / "params.yaml").read_text())["owners"]:
+        train = (owners_side / "data" / "curated" / owner / "train.jsonl").read_bytes()
+        import hashlib
+
+        assert hashlib.md5(train).hexdigest()[2:] not in pushed
+    central = tmp_path / "central"
+    sh(tmp_path, "git", "clone", "-q", str(owners_side), str(central))
+    assert not [p for p in (central / "data" / "owners").rglob("*") if p.is_file() and p.name != ".gitkeep"]
+    states = central_flow(root=str(central))
+    assert states == {"merge": "ran", "router_tune": "ran", "evaluate": "ran"}
+    assert not (central / "data" / "curated" / "alpha").exists()
+    merged = json.loads((central / "models" / "merged" / "flexo.json").read_text())
+    assert merged["experts"][0] == "public" and len(merged["experts"]) >= 2
+    metrics = json.loads((central / "results" / "metrics.json").read_text())
+    assert list(metrics["bpb"]["flexolmo"]) == ["public"]  # evaluated on public data only
+
+
+def test_prefect_yaml_validates_and_every_entrypoint_imports():
+    import importlib
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    names = [d["name"] for d in spec["deployments"]]
+    owners = yaml.safe_load((REPO / "params.yaml").read_text())["owners"]
+    assert {"pipeline", "central", *[f"owner-{o}" for o in owners]} <= set(names)
+    for d in spec["deployments"]:
+        path, func = d["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, func)
+        assert flow.__class__.__name__ == "Flow"
+        flow.validate_parameters(d.get("parameters", {}))  # the deployment's parameters fit the signature
+        assert d["work_pool"]["name"]
