@@ -41,7 +41,8 @@ from tqdm import tqdm
 from flexo.errors import FlexoError
 from flexo.params import TrainParams
 from flexo.training import (
-    Batches, TrainResult, _load_checkpoint, _save_checkpoint, lr_at, run_key, set_threads, train,
+    Batches, TrainResult, _load_checkpoint, _save_checkpoint, lr_at, param_groups, run_key, set_threads, train,
+    val_loss,
 )
 
 log = logging.getLogger(__name__)
@@ -144,20 +145,6 @@ def ds_config(tp: TrainParams, world_size: int, path: Path | None = None) -> dic
     return cfg
 
 
-def _param_groups(trainable, grad_masks, no_decay, tp):
-    """The same groups, in the same order, as flexo.training.train (checkpoints name state by this order)."""
-    def decays(n, p):
-        return n not in grad_masks and n not in no_decay and p.ndim > 1
-
-    decay = [p for n, p in trainable.items() if decays(n, p)]
-    keep = [p for n, p in trainable.items() if not decays(n, p)]
-    groups = [{"params": decay, "weight_decay": tp.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    order = {id(p): n for n, p in trainable.items()}
-    named = {order[id(p)]: p for g in groups for p in g["params"]}
-    return groups, named
-
-
 def build_engine(model, trainable, grad_masks, no_decay, tp):
     """Start torch.distributed if needed and wrap `model` in a ZeRO-2 engine training `trainable`.
 
@@ -176,7 +163,7 @@ def build_engine(model, trainable, grad_masks, no_decay, tp):
     for name, p in model.named_parameters():
         if p.requires_grad and name not in trainable:
             raise FlexoError(f"{name} requires grad but is not in `trainable`: freeze it first")
-    groups, named = _param_groups(trainable, grad_masks, no_decay, tp)
+    groups, named = param_groups(trainable, grad_masks, no_decay, tp)
     handles = [
         trainable[name].register_hook(lambda g, m=mask.to(device): g * m) for name, mask in grad_masks.items()
     ]
@@ -269,18 +256,6 @@ def _jsonable(v) -> bool:
 
 # ------------------------------------------------------------------------------------------- training
 @torch.no_grad()
-def _val_loss(module, blocks: torch.Tensor, tp: TrainParams, device: torch.device, max_blocks: int = 64) -> float:
-    """flexo.training.val_loss on `device` (same blocks, batches and autocast)."""
-    module.eval()
-    losses = []
-    for i in range(0, min(len(blocks), max_blocks), tp.batch_size):
-        x = blocks[i : i + tp.batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tp.bf16):
-            losses.append(float(module(input_ids=x, labels=x).loss) * len(x))
-    module.train()
-    return sum(losses) / min(len(blocks), max_blocks)
-
-
 def _mean_over_ranks(value: float, device: torch.device) -> float:
     if torch.distributed.get_world_size() == 1:
         return value
@@ -340,7 +315,7 @@ def _loop(engine, named, device, batches, val_blocks, tp, ckpt_dir, key_parts, r
         if loaded:
             start, history = loaded
             log.info("resuming %s from step %d", desc, start)
-    initial_val = history[0]["val_loss"] if history else _val_loss(module, val_blocks, tp, device)
+    initial_val = history[0]["val_loss"] if history else val_loss(module, val_blocks, tp, device=device)
     if not history:
         history.append({"step": 0, "tokens": 0, "lr": 0.0, "train_loss": float("nan"), "val_loss": initial_val})
 
@@ -367,7 +342,7 @@ def _loop(engine, named, device, batches, val_blocks, tp, ckpt_dir, key_parts, r
         if done % tp.eval_every == 0 or done == total:
             row = {"step": done, "tokens": done * batches.batch_size * seq, "lr": lr,
                    "train_loss": sum(train_losses[-tp.eval_every:]) / len(train_losses[-tp.eval_every:]),
-                   "val_loss": _val_loss(module, val_blocks, tp, device)}
+                   "val_loss": val_loss(module, val_blocks, tp, device=device)}
             history.append(row)
         if done % tp.checkpoint_every == 0 and done < total:
             snapshot = _Snapshot(opt_state.state_dict())  # collective: every rank
@@ -376,7 +351,7 @@ def _loop(engine, named, device, batches, val_blocks, tp, ckpt_dir, key_parts, r
                 _save_checkpoint(ckpt_dir, key, done, weights, snapshot, history)
             if world > 1:
                 torch.distributed.barrier()
-        if on_step and rank == 0:
+        if on_step:  # on every rank, so that a callback that stops the run stops all of them
             on_step(done)
     bar.close()
     wall = time.time() - started

@@ -119,15 +119,31 @@ def _autocast(tp: TrainParams):
 
 
 @torch.no_grad()
-def val_loss(model, blocks: torch.Tensor, tp: TrainParams, max_blocks: int = 64) -> float:
+def val_loss(model, blocks: torch.Tensor, tp: TrainParams, max_blocks: int = 64,
+             device: torch.device | None = None) -> float:
+    """Mean loss over the first `max_blocks` validation blocks (on `device`, default the CPU)."""
+    device = device or torch.device("cpu")
     model.eval()
     losses = []
     for i in range(0, min(len(blocks), max_blocks), tp.batch_size):
-        x = blocks[i : i + tp.batch_size]
-        with _autocast(tp):
+        x = blocks[i : i + tp.batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tp.bf16):
             losses.append(float(model(input_ids=x, labels=x).loss) * len(x))
     model.train()
     return sum(losses) / min(len(blocks), max_blocks)
+
+
+def param_groups(trainable: dict, grad_masks: dict, no_decay, tp: TrainParams) -> tuple[list[dict], dict]:
+    """AdamW groups: decay on matrices, none on masked (frozen-slice) tensors, `no_decay` and vectors.
+    Returns the groups and {name: param} in optimizer order (checkpoints name state by this order)."""
+    def decays(n, p):
+        return n not in grad_masks and n not in no_decay and p.ndim > 1
+
+    groups = [{"params": [p for n, p in trainable.items() if decays(n, p)], "weight_decay": tp.weight_decay},
+              {"params": [p for n, p in trainable.items() if not decays(n, p)], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    order = {id(p): n for n, p in trainable.items()}
+    return groups, {order[id(p)]: p for g in groups for p in g["params"]}
 
 
 def run_key(parts: dict) -> str:
@@ -201,13 +217,7 @@ def train(
     grad_masks = grad_masks or {}
     for name, mask in grad_masks.items():
         trainable[name].register_hook(lambda g, m=mask: g * m)
-    decay = [p for n, p in trainable.items() if n not in grad_masks and n not in no_decay and p.ndim > 1]
-    keep = [p for n, p in trainable.items() if not (n not in grad_masks and n not in no_decay and p.ndim > 1)]
-    groups = [{"params": decay, "weight_decay": tp.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-    # The optimizer sees parameters in `trainable` order (needed to name optimizer state in checkpoints).
-    order = {id(p): n for n, p in trainable.items()}
-    groups = [g for g in groups if g["params"]]
-    named = {order[id(p)]: p for g in groups for p in g["params"]}
+    groups, named = param_groups(trainable, grad_masks, no_decay, tp)
     opt = torch.optim.AdamW(groups, lr=tp.lr, betas=(0.9, 0.95), eps=1e-8)
 
     total = batches.total_steps(tp)

@@ -27,7 +27,8 @@ from flexo.modeling import (
     write_meta,
 )
 from flexo.params import PUBLIC, Params
-from flexo.training import Batches, drop_checkpoint, pack, train, write_loss_log
+from flexo.ds_backend import select_backend
+from flexo.training import Batches, drop_checkpoint, pack, write_loss_log
 from stages.curate import read_split
 from stages.tokenizer import load_tokenizer
 
@@ -85,7 +86,7 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
     # it is public data, so the owner's stage still reads no other owner's data.
     mix = pack(tokenizer, read_split(layout, PUBLIC, "train"), seq, "public train split") if tp.public_mix else None
     data_manifest = read_json(layout.curated(owner) / "manifest.json", what="curated manifest")
-    result = train(
+    result = select_backend(tp)(
         model, Batches(train_blocks, tp.batch_size, tp.seed, mix, tp.public_mix), val_blocks, tp,
         trainable=trainable, grad_masks=masks, ckpt_dir=layout.checkpoints(f"expert-{owner}"),
         key_parts={"stage": "train_expert", "owner": owner, "public": public_meta["fingerprint"],

@@ -23,7 +23,8 @@ from flexo.fsutil import atomic_dir
 from flexo.layout import Layout
 from flexo.modeling import count_params, fingerprint, model_config, new_model, read_router_row, write_meta
 from flexo.params import PUBLIC, Params
-from flexo.training import Batches, drop_checkpoint, pack, train, write_loss_log
+from flexo.ds_backend import select_backend
+from flexo.training import Batches, drop_checkpoint, pack, write_loss_log
 from stages.curate import read_split
 from stages.tokenizer import load_tokenizer
 
@@ -95,7 +96,7 @@ def train_public(params: Params, layout: Layout, *, resume: bool = True) -> dict
         trainable = {n: p for n, p in model.named_parameters()}
         # The single router row gets no gradient (softmax over one logit is 1); keep AdamW's decay off it.
         no_decay = {n for n in trainable if n.endswith("mlp.gate.weight")}
-        result = train(model, Batches(train_blocks, tp.batch_size, tp.seed), val_blocks, tp, trainable=trainable,
+        result = select_backend(tp)(model, Batches(train_blocks, tp.batch_size, tp.seed), val_blocks, tp, trainable=trainable,
                        no_decay=no_decay, ckpt_dir=layout.checkpoints(PUBLIC), desc="train-public",
                        key_parts={"stage": "train_public", "model": vars(params.model), "data": len(train_blocks)},
                        resume=resume)
