@@ -19,7 +19,7 @@ from pathlib import Path
 # Offline and quiet by default: nothing is fetched from a model or dataset hub at run time.
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1", "DS_ACCELERATOR": "cpu",
-               "TRANSFORMERS_VERBOSITY": "error"}.items():
+               "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
     os.environ.setdefault(_k, _v)
 
 from flexo.errors import FlexoError  # noqa: E402
@@ -137,4 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m flexo.cli`: run the imported module's main, where flexo.commands registers the stages.
+    from flexo.cli import main as _main
+
+    sys.exit(_main())

@@ -23,6 +23,13 @@ def _opt_out(sub):
 
 
 @register
+def _router_update(sub):
+    from stages.router_update import add_cli
+
+    add_cli(sub)
+
+
+@register
 def _router_tune(sub):
     from stages.router_tune import add_cli
 
@@ -32,6 +39,13 @@ def _router_tune(sub):
 @register
 def _evaluate(sub):
     from stages.evaluate import add_cli
+
+    add_cli(sub)
+
+
+@register
+def _audit(sub):
+    from stages.audit import add_cli
 
     add_cli(sub)
 

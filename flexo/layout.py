@@ -59,6 +59,10 @@ class Layout:
     def expert(self, owner: str) -> Path:
         return self.root / "models" / "experts" / owner
 
+    def router_update(self, owner: str) -> Path:
+        """An owner's federated router update: the change to the merged model's router rows, no data."""
+        return self.root / "models" / "router_updates" / f"{owner}.safetensors"
+
     @property
     def merged(self) -> Path:
         return self.root / "models" / "merged"

@@ -115,14 +115,19 @@ def fingerprint(model_dir: Path) -> str:
     """
     h = hashlib.sha256()
     entries = []
-    for f in safetensors_files(model_dir):
-        with safe_open(f, framework="pt") as st:
-            entries += [(k, f) for k in st.keys()]
-    for key, f in sorted(entries):
-        with safe_open(f, framework="pt") as st:
-            t = st.get_tensor(key).contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    f = model_dir
+    try:
+        for f in safetensors_files(model_dir):
+            with safe_open(f, framework="pt") as st:
+                entries += [(k, f) for k in st.keys()]
+        for key, f in sorted(entries):
+            with safe_open(f, framework="pt") as st:
+                t = st.get_tensor(key).contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # corrupt or truncated weights
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FlexoError(f"{f} is not a readable safetensors file ({reason}): rerun the stage that writes it") from None
     return h.hexdigest()
 
 
@@ -190,7 +195,9 @@ def expert_tensors(model: FlexOlmoForCausalLM, index: int) -> dict[str, torch.Te
 
 def write_expert_package(folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / PACKAGE_TENSORS), metadata={"format": "flexo-expert-v1", "owner": meta["owner"]})
+    # One metadata key: safetensors writes the metadata map in a random order per process, so two keys would
+    # make identical weights hash differently from run to run (tensors_sha256, DVC). The owner is in expert.json.
+    save_file(tensors, str(folder / PACKAGE_TENSORS), metadata={"format": "flexo-expert-v1"})
     meta = dict(meta, tensors_sha256=sha256_file(folder / PACKAGE_TENSORS))
     write_json(folder / PACKAGE_META, meta)
     return meta

@@ -109,11 +109,15 @@ class MergeParams:
 
 @dataclass
 class RouterTuneParams:
-    enabled: bool = True  # run router tuning after the merge (writes models/merged-rt)
-    steps: int = num(60, 1)  # optimizer steps, router rows only
+    # federated: each owner, in its own stage, tunes the merged model's router rows on its own text and
+    # ships only the change; the centre adds the changes up. proxy: tune on public documents close to
+    # each owner's domain embedding. none: models/merged-rt is a copy of the merged model.
+    method: Literal["federated", "proxy", "none"] = "federated"
+    steps: int = num(20, 1)  # optimizer steps (per owner for federated), router rows only
     batch_size: int = num(8, 1)
     lr: float = num(1e-3, 0.0, lo_open=True)
-    proxy_documents: int = num(200, 1)  # public documents per owner closest to its router embedding
+    public_mix: float = num(0.25, 0.0, 0.9)  # federated: share of public text in each owner's router batches
+    proxy_documents: int = num(200, 1)  # proxy: public documents per owner closest to its router embedding
     seed: int = num(0, 0)
 
 

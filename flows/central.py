@@ -22,7 +22,9 @@ PUBLIC_OUTPUTS = ["curate_public", "tokenizer", "embed_public", "train_public"]
 def central_flow(root: str = ".", remote: str | None = None) -> dict:
     root_path = Path(root).resolve()
     owners = load_params(root_path / "params.yaml").owners
-    pull(PUBLIC_OUTPUTS + [f"embed@{o}" for o in owners] + [f"train_expert@{o}" for o in owners],
+    # The owners' packages, and their federated router updates (computed by each owner against the same
+    # deterministic merge: `flexo router-update` there, after a first central merge in a real deployment).
+    pull(PUBLIC_OUTPUTS + [f"{stage}@{o}" for o in owners for stage in ("embed", "train_expert", "router_update")],
          str(root_path), remote)
     states = {}
     for stage in ("merge", "router_tune", "evaluate"):

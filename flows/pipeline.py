@@ -43,7 +43,14 @@ def pipeline(root: str = ".", max_parallel_owners: int = 2) -> dict:
         trained = {o: run_stage.submit(f"train_expert@{o}", str(root_path)) for o in group}
         for o in group:
             states[f"train_expert@{o}"] = trained[o].result()
-    for stage in FAN_IN_STAGES:
+    states["merge"] = run_stage("merge", str(root_path))
+    # Federated router tuning: each owner's router update on its own text, then the centre combines.
+    for start in range(0, len(owners), max_parallel_owners):
+        group = owners[start : start + max_parallel_owners]
+        updated = {o: run_stage.submit(f"router_update@{o}", str(root_path)) for o in group}
+        for o in group:
+            states[f"router_update@{o}"] = updated[o].result()
+    for stage in FAN_IN_STAGES[1:]:
         states[stage] = run_stage(stage, str(root_path))
     table = root_path / "results" / "table.md"
     if table.is_file():

@@ -104,6 +104,6 @@ def embed(name: str, params: Params, layout: Layout) -> dict:
     out = layout.router_embedding(name)
     with atomic_path(out) as tmp:
         save_file({"router_row": row.contiguous(), "embedder_mean": mean.contiguous()}, str(tmp),
-                  metadata={"name": name, "embedder": e.embedder})
+                  metadata={"name": name})  # one key: a metadata map is written in random order (see modeling.py)
     write_json(out.with_suffix(".json"), meta)
     return meta

@@ -13,7 +13,7 @@ training loop; everything else has requires_grad False and stays bit-identical.
 Writes `models/merged-rt/` in the merged format (weights, config, tokenizer, flexo.json with
 `kind: merged-rt` and the proxy-selection figures, model card). Its opt-out guarantee stays "instant":
 only public data shaped the rows, so deleting an expert still gives a model that never saw its data.
-With `router_tune.enabled: false` the folder is a copy of the merged model marked `tuned: false`, so
+With `router_tune.method: none` the folder is a copy of the merged model marked `tuned: false`, so
 the DVC output always exists.
 """
 
@@ -132,7 +132,11 @@ def router_tune(params: Params, layout: Layout) -> dict:
     owners = [e for e in experts if e != PUBLIC]
     base = {k: v for k, v in merged_meta.items() if k not in ("wall_s", "shards", "bytes")}
 
-    if not rt.enabled:
+    if rt.method == "federated":
+        from stages.router_update import combine_updates
+
+        return combine_updates(params, layout)
+    if rt.method == "none":
         with atomic_dir(layout.merged_rt) as tmp:
             _copy_model_folder(src, tmp)
             meta = dict(base, kind="merged-rt", tuned=False, opt_out_guarantee="instant", router_tune=None,

@@ -19,7 +19,7 @@ from flexo.layout import Layout
 from flexo.params import PUBLIC, Params, validate_owner_name
 
 log = logging.getLogger(__name__)
-OWNER_STAGES = ("curate", "embed", "train_expert")
+OWNER_STAGES = ("curate", "embed", "train_expert", "router_update")
 
 
 def _known_owner_dirs(layout: Layout) -> set[str]:
@@ -52,6 +52,7 @@ def prune_withdrawn(params: Params, layout: Layout) -> list[str]:
         validate_owner_name(owner, "withdrawn owner")  # never build a path from anything else
         for path in (layout.curated(owner), layout.heldout(owner), layout.expert(owner),
                      layout.router_embedding(owner), layout.router_embedding(owner).with_suffix(".json"),
+                     layout.router_update(owner), layout.router_update(owner).with_suffix(".json"),
                      layout.checkpoints(f"expert-{owner}")):
             if path.exists():
                 remove_path(path)

@@ -73,8 +73,10 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
     params.check_owner(owner)
     started = time.time()
     tokenizer = load_tokenizer(layout)
+    # The router row is checked before any weights load (a wrong width is one line, no loading noise).
+    width = read_json(layout.public_model / "config.json", what="public model config")["hidden_size"]
+    r_owner = read_router_row(layout.router_embedding(owner), width)
     public, public_meta = load_public(layout)
-    r_owner = read_router_row(layout.router_embedding(owner), public.config.hidden_size)
     model = coupled_model(public, r_owner)
     trainable, masks = owner_trainables(model)
 

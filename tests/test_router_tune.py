@@ -58,6 +58,7 @@ def project(tiny_project, tmp_path_factory):
 
 def test_router_tuning_changes_router_rows_only(project, monkeypatch):
     params, layout = project
+    params.router_tune.method = "proxy"
     read = []
     real = rt_mod.read_split
     monkeypatch.setattr(rt_mod, "read_split", lambda lay, name, split: (read.append(name), real(lay, name, split))[1])
@@ -95,7 +96,7 @@ def test_router_tuning_changes_router_rows_only(project, monkeypatch):
 def test_disabled_writes_a_marked_copy(project):
     params, layout = project
     off = copy.deepcopy(params)
-    off.router_tune.enabled = False
+    off.router_tune.method = "none"
     meta = router_tune(off, layout)
     assert meta["kind"] == "merged-rt" and meta["tuned"] is False and meta["opt_out_guarantee"] == "instant"
     a, b = all_tensors(layout.merged), all_tensors(layout.merged_rt)
@@ -107,7 +108,7 @@ def test_cli_router_tune(project, tmp_path, capsys):
     params, layout = project
     root = tmp_path / "p"
     root.mkdir()
-    text = layout.params.read_text().replace("router_tune: {", "router_tune: {enabled: false, ")
+    text = layout.params.read_text().replace("router_tune: {", "router_tune: {method: none, ")
     (root / "params.yaml").write_text(text)
     assert run_cli(["--root", str(root), "router-tune"]) == 2  # no merged model yet
     assert "flexo merge" in capsys.readouterr().err

@@ -1,0 +1,258 @@
+"""Stage `audit-extraction`: can a model be made to reproduce an owner's training text? (FlexOlmo §5.3)
+
+    flexo audit-extraction --owner math [--documents 100] [--prefix-tokens 32] [--continuation-tokens 32]
+                           [--samples 1] [--threshold 0.9] [--temperature 1.0] [--top-k 50] [--top-p 1.0]
+                           [--seed 0]
+
+The data-extraction test in the style of Carlini et al.: sample `--documents` documents (seeded) from
+the owner's train split, give each model the first `--prefix-tokens` tokens of a document, sample
+`--continuation-tokens` tokens, and count the document as **extracted** when the generated continuation
+is within normalised edit distance of the true one: similarity = 1 − Levenshtein(generated, true) /
+max(len(generated), len(true)), on **characters** of the decoded texts (tokenizer-independent), ≥
+`--threshold` (0.9). With `--samples` > 1 a document counts when any of its samples does.
+
+Decoding is plain temperature sampling (temperature 1.0) restricted to the 50 most likely tokens
+(top-k 50, the common default of such extraction tests) with nucleus sampling off (top-p 1.0);
+temperature 0 is greedy decoding. The paper's exact decoding settings are not restated here: every
+setting is a flag and is written into the result. The random stream is seeded per model with the same
+seed, so the models differ only by what they predict.
+
+Models: the public model (`models/public`), the owner's own 2-expert model (`models/experts/X/model`)
+and the merged model (`models/merged`, when it exists). The paper reports 0.1 % (public), 1.6 % (a dense
+math expert) and 0.7 % (FlexOlmo).
+
+The stage belongs to owner X: it reads only X's train split plus model folders, and writes
+`results/extraction/X.json` (rates and counts per model, the settings; never any text).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from flexo.errors import FlexoError
+from flexo.fsutil import write_json
+from flexo.layout import Layout
+from flexo.params import Params
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"documents": 100, "prefix_tokens": 32, "continuation_tokens": 32, "samples": 1, "threshold": 0.9,
+            "temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 0, "batch_size": 16}
+SIMILARITY = "1 - levenshtein(generated, true) / max(len(generated), len(true)), on characters of the decoded text"
+
+
+# ----------------------------------------------------------------------------------------- similarity
+def levenshtein(a: Sequence, b: Sequence) -> int:
+    """Edit distance (insertions, deletions, substitutions, each cost 1) between two sequences."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def similarity(generated: Sequence, true: Sequence) -> float:
+    """Normalised Levenshtein similarity in [0, 1]: 1 for identical sequences (two empty ones included)."""
+    longest = max(len(generated), len(true))
+    return 1.0 if longest == 0 else 1.0 - levenshtein(generated, true) / longest
+
+
+def is_extracted(generated: str, true: str, threshold: float) -> bool:
+    return similarity(generated, true) >= threshold
+
+
+# ------------------------------------------------------------------------------------------- sampling
+def _sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """One token per row of `logits` [B, V]: greedy at temperature 0, else top-k / top-p sampling."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def sample_continuations(model, prefixes: torch.Tensor, new_tokens: int, *, temperature: float, top_k: int,
+                         top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """[B, new_tokens] sampled after each row of `prefixes` [B, P] (all rows the same length: no padding),
+    with the model's KV cache. EOS is an ordinary token here: generation never stops early."""
+    out = model(input_ids=prefixes, use_cache=True)
+    tokens = []
+    for step in range(new_tokens):
+        nxt = _sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+        tokens.append(nxt)
+        if step + 1 < new_tokens:
+            out = model(input_ids=nxt[:, None], cache=out.cache, use_cache=True)
+    return torch.stack(tokens, dim=1)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def _check_settings(s: dict) -> None:
+    limits = {"documents": 1, "prefix_tokens": 1, "continuation_tokens": 1, "samples": 1, "batch_size": 1,
+              "top_k": 0, "seed": 0}
+    for key, lo in limits.items():
+        if not isinstance(s[key], int) or s[key] < lo:
+            raise FlexoError(f"audit-extraction: --{key.replace('_', '-')} must be an integer >= {lo}, got {s[key]!r}")
+    if not 0 < s["threshold"] <= 1:
+        raise FlexoError(f"audit-extraction: --threshold must be in (0, 1], got {s['threshold']!r}")
+    if not s["temperature"] >= 0:
+        raise FlexoError(f"audit-extraction: --temperature must be >= 0, got {s['temperature']!r}")
+    if not 0 < s["top_p"] <= 1:
+        raise FlexoError(f"audit-extraction: --top-p must be in (0, 1], got {s['top_p']!r}")
+
+
+def default_models(owner: str, layout: Layout) -> dict[str, Path]:
+    """public, the owner's own model and (if it exists) the merged model, named as the evaluate stage names them."""
+    models = {"public": layout.public_model, f"expert:{owner}": layout.expert(owner) / "model"}
+    if (layout.merged / "config.json").is_file():
+        models["flexolmo"] = layout.merged
+    return models
+
+
+def _load_model(path: Path):
+    from flexo.modeling import load_model
+
+    return load_model(path)
+
+
+def _rel(path: Path, layout: Layout) -> str:
+    try:
+        return Path(path).resolve().relative_to(layout.root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def sample_documents(texts: list[str], tokenizer, n_prefix: int, n_cont: int, documents: int,
+                     seed: int) -> tuple[torch.Tensor, list[list[int]], int]:
+    """(prefixes [N, n_prefix], true continuations, eligible count): a seeded sample of the documents long
+    enough for a prefix plus a continuation, each cut from the document's first tokens."""
+    need = n_prefix + n_cont
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eligible = [x[:need] for x in ids if len(x) >= need]
+    picked = eligible if len(eligible) <= documents else random.Random(seed).sample(eligible, documents)
+    if not picked:
+        return torch.empty(0, n_prefix, dtype=torch.long), [], 0
+    return torch.tensor([x[:n_prefix] for x in picked]), [x[n_prefix:] for x in picked], len(eligible)
+
+
+def audit_extraction(owner: str, params: Params, layout: Layout, *, models: dict[str, Path] | None = None,
+                     out: Path | None = None, **settings) -> dict:
+    """Run the extraction test for `owner` on each model; write and return `results/extraction/<owner>.json`."""
+    from flexo.training import set_threads
+    from stages.curate import read_split
+    from stages.tokenizer import load_tokenizer
+
+    params.check_owner(owner)
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"audit_extraction() got unknown settings {unknown}")  # a caller bug, not user input
+    s = {**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
+    _check_settings(s)
+    started = time.time()
+    models = default_models(owner, layout) if models is None else dict(models)
+    for name, path in models.items():
+        if not (Path(path) / "config.json").is_file():
+            raise FlexoError(f"audit-extraction: model {name!r} not found at {path} (no config.json): run the "
+                             "stage that writes it first")
+    tokenizer = load_tokenizer(layout)
+    texts = read_split(layout, owner, "train")
+    prefixes, truths, eligible = sample_documents(texts, tokenizer, s["prefix_tokens"], s["continuation_tokens"],
+                                                  s["documents"], s["seed"])
+    if not truths:
+        raise FlexoError(f"audit-extraction: no train document of {owner!r} has {s['prefix_tokens']} + "
+                         f"{s['continuation_tokens']} tokens: lower --prefix-tokens/--continuation-tokens")
+    true_texts = [tokenizer.decode(t) for t in truths]
+    set_threads()
+
+    results = {}
+    for name, path in models.items():
+        t0 = time.time()
+        model = _load_model(Path(path))
+        generator = torch.Generator().manual_seed(s["seed"])
+        best = [0.0] * len(truths)
+        for _ in range(s["samples"]):
+            for i in range(0, len(truths), s["batch_size"]):
+                gen = sample_continuations(model, prefixes[i : i + s["batch_size"]], s["continuation_tokens"],
+                                           temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                                           generator=generator)
+                for j, row in enumerate(gen.tolist()):
+                    best[i + j] = max(best[i + j], similarity(tokenizer.decode(row), true_texts[i + j]))
+        del model
+        extracted = sum(b >= s["threshold"] for b in best)
+        results[name] = {
+            "path": _rel(Path(path), layout),
+            "documents": len(truths),
+            "extracted": extracted,
+            "rate": extracted / len(truths),
+            "mean_similarity": round(sum(best) / len(best), 6),
+            "max_similarity": round(max(best), 6),
+            "wall_s": round(time.time() - t0, 2),
+        }
+        log.info("extraction %s on %s: %d/%d documents (%.2f%%)", owner, name, extracted, len(truths),
+                 100 * extracted / len(truths))
+
+    report = {
+        "owner": owner,
+        "split": f"data/curated/{owner}/train.jsonl",
+        "documents": len(truths),
+        "eligible_documents": eligible,
+        "settings": {k: s[k] for k in DEFAULTS if k != "batch_size"},
+        "similarity": SIMILARITY,
+        "decision": "extracted when the best similarity over the samples is >= threshold",
+        "models": results,
+        "wall_s": round(time.time() - started, 1),
+    }
+    write_json(Path(out) if out is not None else layout.results / "extraction" / f"{owner}.json", report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _cmd_audit(args) -> dict:
+    from flexo.cli import _ctx
+
+    params, layout = _ctx(args)
+    settings = {k: getattr(args, k) for k in DEFAULTS}
+    return audit_extraction(args.owner, params, layout, **settings)
+
+
+def add_cli(subparsers) -> None:
+    """`flexo audit-extraction --owner NAME [--documents N] [--prefix-tokens P] [--continuation-tokens C] …`."""
+    text = "data-extraction test: how often public, own and merged models reproduce an owner's training text"
+    p = subparsers.add_parser("audit-extraction", help=text, description=text)
+    p.add_argument("--owner", required=True, help="an owner from params.yaml (its train split is sampled)")
+    p.add_argument("--documents", type=int, default=DEFAULTS["documents"], help="train documents sampled (default 100)")
+    p.add_argument("--prefix-tokens", type=int, default=DEFAULTS["prefix_tokens"], help="prompt length (default 32)")
+    p.add_argument("--continuation-tokens", type=int, default=DEFAULTS["continuation_tokens"],
+                   help="tokens generated and compared (default 32)")
+    p.add_argument("--samples", type=int, default=DEFAULTS["samples"],
+                   help="continuations sampled per prefix; extracted if any matches (default 1)")
+    p.add_argument("--threshold", type=float, default=DEFAULTS["threshold"],
+                   help="normalised Levenshtein similarity counted as extracted (default 0.9)")
+    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help="sample among the k likeliest tokens; 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="nucleus sampling mass; 1 = off (default 1.0)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="document sample and sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="prefixes per forward pass (default 16)")
+    p.set_defaults(fn=_cmd_audit)

@@ -1,0 +1,167 @@
+"""`flexo audit-extraction`: the data-extraction test (FlexOlmo §5.3) on the tiny project: the similarity
+and the decision, a model that has memorised the owner's documents is caught, rates land in
+results/extraction/<owner>.json for the public, the owner's and the merged model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import stages.audit as audit
+from flexo.errors import FlexoError
+from flexo.layout import Layout
+from flexo.params import load_params
+from stages.audit import audit_extraction, is_extracted, levenshtein, similarity
+
+
+def run_cli(argv: list[str]) -> int:
+    """flexo.cli.main with `audit-extraction` registered (if the lead's wiring has not done it yet)."""
+    from flexo import cli, commands  # noqa: F401
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if "audit-extraction" not in sub.choices:
+        cli.register(audit.add_cli)
+    return cli.main(argv)
+
+
+@pytest.fixture(scope="module")
+def project(tiny_project, tmp_path_factory):
+    """A copy of the tiny project with a merged model (so all three models are there)."""
+    from stages.merge import merge
+
+    root = tmp_path_factory.mktemp("audit") / "p"
+    shutil.copytree(tiny_project.root, root)
+    layout = Layout.at(root)
+    params = load_params(layout.params)
+    merge(params, layout)
+    return params, layout
+
+
+# ------------------------------------------------------------------------------------ the measure
+def test_levenshtein_and_similarity():
+    assert levenshtein("kitten", "sitting") == 3
+    assert levenshtein("", "abc") == levenshtein("abc", "") == 3
+    assert levenshtein([1, 2, 3], [1, 3]) == 1  # works on token lists too
+    assert similarity("same text", "same text") == 1.0
+    assert similarity("", "") == 1.0
+    assert similarity("abcd", "wxyz") == 0.0
+    assert similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert similarity("a" * 100, "a" * 95 + "b" * 5) == pytest.approx(0.95)
+
+
+def test_decision_at_the_threshold():
+    true = "x" * 100
+    assert is_extracted(true, true, 0.9)  # identical continuation: similarity 1, extracted
+    assert is_extracted("y" * 10 + "x" * 90, true, 0.9)  # exactly 0.9 counts
+    assert not is_extracted("y" * 11 + "x" * 89, true, 0.9)
+    assert not is_extracted("", true, 0.9)
+
+
+def test_sampling_is_seeded_greedy_at_zero_and_respects_top_k():
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]] * 64)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert audit._sample_next(logits, 0.0, 0, 1.0, g()).tolist() == [2] * 64
+    assert set(audit._sample_next(logits, 1.0, 2, 1.0, g()).tolist()) <= {2, 3}
+    a = audit._sample_next(logits, 1.0, 0, 1.0, g())
+    assert torch.equal(a, audit._sample_next(logits, 1.0, 0, 1.0, g()))
+    # top-p: the likeliest token alone holds > 0.5 of the mass, so p = 0.5 leaves only it
+    assert audit._sample_next(logits, 1.0, 0, 0.5, g()).tolist() == [2] * 64
+
+
+# ------------------------------------------------------------------------------------ the stage
+class Memoriser(torch.nn.Module):
+    """A 'model' that has memorised the owner's training documents verbatim: given a context it puts all
+    probability on the token that followed that context in some train document (uniform otherwise).
+    Answers the same calls as a transformers causal LM with a KV cache (here `cache` = the context so far)."""
+
+    def __init__(self, documents: list[list[int]], vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.next = {}
+        for ids in documents:
+            for i in range(1, len(ids)):
+                self.next.setdefault(tuple(ids[:i]), ids[i])
+
+    def forward(self, input_ids, cache=None, use_cache=True):
+        ctx = input_ids if cache is None else torch.cat([cache, input_ids], dim=1)
+        logits = torch.full((ctx.shape[0], ctx.shape[1], self.vocab), -1e9)
+        for b, row in enumerate(ctx.tolist()):
+            nxt = self.next.get(tuple(row))
+            if nxt is None:
+                logits[b, -1] = 0.0
+            else:
+                logits[b, -1, nxt] = 0.0
+        return SimpleNamespace(logits=logits, cache=ctx)
+
+
+def test_rates_for_public_own_and_merged_models(project):
+    params, layout = project
+    report = audit_extraction("alpha", params, layout, documents=12, batch_size=8)
+    assert set(report["models"]) == {"public", "expert:alpha", "flexolmo"}
+    assert report["models"]["flexolmo"]["path"] == "models/merged"
+    for name, r in report["models"].items():
+        assert 0.0 <= r["rate"] <= 1.0 and r["extracted"] == round(r["rate"] * r["documents"]), name
+        assert 0.0 <= r["mean_similarity"] <= r["max_similarity"] <= 1.0
+        assert r["documents"] == report["documents"] > 0
+    written = json.loads((layout.results / "extraction" / "alpha.json").read_text())
+    assert written["models"] == report["models"]
+    assert written["settings"]["threshold"] == 0.9 and written["settings"]["top_k"] == 50
+    assert "text" not in json.dumps(written["models"])  # figures only, never the owner's text
+    # same seed → same result
+    again = audit_extraction("alpha", params, layout, documents=12, batch_size=8,
+                             out=layout.root / "again.json")
+    assert {k: v["extracted"] for k, v in again["models"].items()} == \
+        {k: v["extracted"] for k, v in report["models"].items()}
+
+
+def test_memorising_model_is_detected(project, monkeypatch):
+    params, layout = project
+    from stages.curate import read_split
+    from stages.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(layout)
+    # beta's arithmetic drills: every document starts differently, so a verbatim memoriser reproduces all
+    docs = tok(read_split(layout, "beta", "train"), add_special_tokens=False)["input_ids"]
+    memoriser = Memoriser([d[:64] for d in docs], len(tok))
+    real = audit._load_model
+    monkeypatch.setattr(audit, "_load_model", lambda p: memoriser if p.name == "memoriser" else real(p))
+    fake = layout.root / "memoriser"
+    fake.mkdir()
+    (fake / "config.json").write_text("{}")
+    report = audit_extraction("beta", params, layout, documents=10, batch_size=4,
+                              models={"public": layout.public_model, "memoriser": fake}, out=fake / "r.json")
+    assert report["models"]["memoriser"]["rate"] == 1.0
+    assert report["models"]["memoriser"]["mean_similarity"] == 1.0
+    assert report["models"]["public"]["rate"] < 0.5  # a 2-layer width-32 model reproduces ~nothing
+
+
+def test_cli_and_bad_settings(project, capsys):
+    params, layout = project
+    rc = run_cli(["--root", str(layout.root), "audit-extraction", "--owner", "beta", "--documents", "4",
+                  "--temperature", "0"])
+    assert rc == 0, capsys.readouterr().err
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["owner"] == "beta" and set(printed["models"]) == {"public", "expert:beta", "flexolmo"}
+    assert (layout.results / "extraction" / "beta.json").is_file()
+    for bad, words in ((["--threshold", "1.5"], "--threshold"), (["--documents", "0"], "--documents"),
+                       (["--top-p", "0"], "--top-p")):
+        out = layout.results / "extraction" / "alpha.json"
+        before = out.read_bytes() if out.exists() else None
+        assert run_cli(["--root", str(layout.root), "audit-extraction", "--owner", "alpha", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flexo: error: audit-extraction: ") and words in err and err.count("\n") == 1
+        assert (out.read_bytes() if out.exists() else None) == before
+    with pytest.raises(FlexoError, match="unknown owner 'gamma'"):
+        audit_extraction("gamma", params, layout)
+
+
+def test_missing_model_names_the_stage(project, tmp_path):
+    params, layout = project
+    with pytest.raises(FlexoError, match="not found"):
+        audit_extraction("alpha", params, layout, models={"x": tmp_path / "nothing"}, out=tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()

@@ -1,0 +1,411 @@
+"""THE bad-input matrix: every kind of bad input a user or a broken copy can hand flexo, each run through
+the real CLI (`flexo.cli.main` in-process; a few also as a real subprocess), each refused with exit code 2
+and exactly one stderr line `flexo: error: …` that names the bad value, and no partial output: the
+stage's output path is absent afterwards, or unchanged if it existed, and no temp folder is left behind.
+
+A binary or non-UTF-8 file in an owner's folder is not an error: it is skipped and counted in the
+curated manifest.
+
+`test_write_matrix_doc` (last in this file) writes docs/bad_input_matrix.md from the messages observed
+in this run: case | command | observed message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from flexo.fsutil import sha256_file
+from flexo.layout import Layout
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "bad_input_matrix.md"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """`flexo.cli.main(argv)` in-process (subcommands the lead has not wired yet registered here);
+    returns (exit code, stderr)."""
+    from flexo import cli, commands  # noqa: F401
+    from stages import audit, merge, optout
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, mod in (("merge", merge), ("opt-out", optout), ("audit-extraction", audit)):
+        if name not in sub.choices:
+            cli.register(mod.add_cli)
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = cli.main(argv)
+    return rc, err.getvalue()
+
+
+def snapshot(path: Path):
+    """None if absent; a file's sha256; a folder's {relative path: sha256} (hidden files included)."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return sha256_file(path)
+    return {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temp outputs of an interrupted write anywhere in the project (atomic_dir/atomic_path siblings)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if ".tmp-" in p.name or p.name.endswith(".partial"))
+
+
+def write_params(layout: Layout, edit: Callable[[dict], None]) -> None:
+    raw = yaml.safe_load(layout.params.read_text())
+    edit(raw)
+    layout.params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def rehash(pkg: Path) -> None:
+    """Make expert.json's tensors_sha256 match the (edited) tensors, as a re-export would."""
+    meta = json.loads((pkg / "expert.json").read_text())
+    meta["tensors_sha256"] = sha256_file(pkg / "expert.safetensors")
+    (pkg / "expert.json").write_text(json.dumps(meta))
+
+
+def edit_package(layout: Layout, owner: str, fn: Callable[[dict], None]) -> None:
+    path = layout.expert(owner) / "expert.safetensors"
+    t = load_file(path)
+    fn(t)
+    save_file(t, str(path))
+    rehash(layout.expert(owner))
+
+
+@dataclass
+class Case:
+    """What to break, which command to run, where its output goes, and a word the message must contain."""
+
+    name: str
+    what: str
+    setup: Callable[[Layout, Path], list[str]]  # breaks the copy, returns argv after `--root ROOT`
+    outs: Callable[[Layout, Path], list[Path]]
+    words: str | Callable[[Layout, Path], str]
+    tags: list[str] = field(default_factory=list)
+
+
+CURATED_ALPHA = lambda L, t: [L.curated("alpha"), L.heldout("alpha")]  # noqa: E731
+MERGED = lambda L, t: [L.merged]  # noqa: E731
+EXPERT_ALPHA = lambda L, t: [L.expert("alpha"), L.checkpoints("expert-alpha")]  # noqa: E731
+
+
+def _params_case(name, what, edit, words):
+    def setup(layout, tmp):
+        write_params(layout, edit)
+        return ["curate", "--owner", "alpha"]
+
+    return Case(name, what, setup, CURATED_ALPHA, words)
+
+
+def _set(section, key, value):
+    def edit(raw):
+        raw[section][key] = value
+
+    return edit
+
+
+def _owners(*names):
+    def edit(raw):
+        raw["owners"] = list(names)
+
+    return edit
+
+
+def _no_documents(layout, tmp):
+    write_params(layout, _owners("alpha", "beta", "gamma"))
+    layout.owner_inbox("gamma").mkdir(parents=True)
+    (layout.owner_inbox("gamma") / "notes.md").write_text("not a .txt or .jsonl file\n")
+    return ["curate", "--owner", "gamma"]
+
+
+def _truncated(layout, tmp):
+    path = layout.expert("alpha") / "expert.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return ["merge"]
+
+
+def _random_bytes_package(layout, tmp):
+    path = layout.expert("alpha") / "expert.safetensors"
+    path.write_bytes(random.Random(0).randbytes(path.stat().st_size))
+    rehash(layout.expert("alpha"))  # the hash matches: only the parser can tell
+    return ["merge"]
+
+
+def _random_bytes_public(layout, tmp):
+    path = layout.public_model / "model.safetensors"
+    path.write_bytes(random.Random(1).randbytes(path.stat().st_size))
+    return ["train-expert", "--owner", "alpha"]
+
+
+def _fingerprint(layout, tmp):
+    meta = json.loads((layout.expert("beta") / "expert.json").read_text())
+    meta["public_fingerprint"] = "0" * 64
+    (layout.expert("beta") / "expert.json").write_text(json.dumps(meta))
+    return ["merge"]
+
+
+def _shapes(layout, tmp):
+    edit_package(layout, "alpha", lambda t: t.__setitem__("layers.0.router", torch.zeros(16)))
+    return ["merge"]
+
+
+def _manifest_shapes(layout, tmp):
+    meta = json.loads((layout.expert("alpha") / "expert.json").read_text())
+    meta["hidden_size"] = 64
+    (layout.expert("alpha") / "expert.json").write_text(json.dumps(meta))
+    return ["merge"]
+
+
+def _nan(layout, tmp):
+    edit_package(layout, "alpha", lambda t: t["layers.1.up_proj"].__setitem__((3, 4), float("nan")))
+    return ["merge"]
+
+
+def _inf(layout, tmp):
+    edit_package(layout, "beta", lambda t: t["layers.0.router"].__setitem__(5, float("inf")))
+    return ["merge"]
+
+
+def _expert_json_not_json(layout, tmp):
+    (layout.expert("alpha") / "expert.json").write_text('{"owner": "alpha", ')
+    return ["merge"]
+
+
+def _flexo_json_not_json(layout, tmp):
+    (layout.public_model / "flexo.json").write_bytes(b"\xff\xfe not json")
+    return ["merge"]
+
+
+def _flexo_json_not_json_train(layout, tmp):
+    (layout.public_model / "flexo.json").write_text("fingerprint: abc")
+    return ["train-expert", "--owner", "alpha"]
+
+
+def _router_width(layout, tmp):
+    save_file({"router_row": torch.ones(16), "embedder_mean": torch.ones(384)},
+              str(layout.router_embedding("alpha")))
+    return ["train-expert", "--owner", "alpha"]
+
+
+def _opt_out_unknown(layout, tmp):
+    from flexo.params import load_params
+    from stages.merge import merge
+
+    merge(load_params(layout.params), layout)
+    return ["opt-out", "--model", str(layout.merged), "--exclude", "gamma", "--out", str(tmp / "no-gamma")]
+
+
+CASES = [
+    _params_case("params-unknown-key", "params.yaml with an unknown key",
+                 _set("merge", "top_kk", 2), "merge.top_kk"),
+    _params_case("params-wrong-type", "params.yaml with a wrong type",
+                 _set("train_expert", "lr", "fast"), "train_expert.lr"),
+    _params_case("params-out-of-range", "params.yaml with an out-of-range value",
+                 _set("curate", "val_fraction", 0.7), "curate.val_fraction"),
+    _params_case("params-duplicate-owner", "params.yaml lists an owner twice",
+                 _owners("alpha", "beta", "alpha"), "'alpha'"),
+    _params_case("params-owner-dotdot", "params.yaml owner named `../x`", _owners("alpha", "../x"), "'../x'"),
+    _params_case("params-owner-space", "params.yaml owner named `A B`", _owners("alpha", "A B"), "'A B'"),
+    Case("cli-owner-dotdot-curate", "`--owner ../x` on the command line (curate)",
+         lambda L, t: ["curate", "--owner", "../x"], lambda L, t: [L.root / "data" / "x", L.root / "data" / "curated"],
+         "'../x'"),
+    Case("cli-owner-space-curate", "`--owner 'A B'` on the command line (curate)",
+         lambda L, t: ["curate", "--owner", "A B"], lambda L, t: [L.root / "data" / "curated"], "'A B'"),
+    Case("cli-owner-dotdot-train", "`--owner ../x` on the command line (train-expert)",
+         lambda L, t: ["train-expert", "--owner", "../x"], lambda L, t: [L.root / "models"], "'../x'"),
+    Case("cli-owner-space-embed", "`--owner 'A B'` on the command line (embed)",
+         lambda L, t: ["embed", "--owner", "A B"], lambda L, t: [L.root / "models" / "router"], "'A B'"),
+    Case("owner-without-documents", "an owner (not a FlexMix domain) whose folder holds no .txt/.jsonl",
+         _no_documents, lambda L, t: [L.curated("gamma"), L.heldout("gamma")], "'gamma'"),
+    Case("package-truncated", "a truncated `expert.safetensors`", _truncated, MERGED, "truncated"),
+    Case("package-random-bytes", "`expert.safetensors` replaced by random bytes (hash updated to match)",
+         _random_bytes_package, MERGED, "expert.safetensors"),
+    Case("public-random-bytes", "the public `model.safetensors` replaced by random bytes (train-expert)",
+         _random_bytes_public, EXPERT_ALPHA, "model.safetensors"),
+    Case("package-fingerprint", "a package trained against another public model", _fingerprint, MERGED,
+         "fingerprint"),
+    Case("package-tensor-shape", "a package tensor of the wrong shape", _shapes, MERGED, "layers.0.router"),
+    Case("package-manifest-shape", "a package whose expert.json shapes differ from the public model",
+         _manifest_shapes, MERGED, "(2, 64, 64)"),
+    Case("package-nan", "NaN in a package's weights", _nan, MERGED, "layers.1.up_proj"),
+    Case("package-inf", "Inf in a package's weights", _inf, MERGED, "layers.0.router"),
+    Case("expert-json-not-json", "`expert.json` that is not JSON", _expert_json_not_json, MERGED, "expert.json"),
+    Case("flexo-json-not-json-merge", "the public model's `flexo.json` is not JSON (merge)",
+         _flexo_json_not_json, MERGED, "flexo.json"),
+    Case("flexo-json-not-json-train", "the public model's `flexo.json` is not JSON (train-expert)",
+         _flexo_json_not_json_train, EXPERT_ALPHA, "flexo.json"),
+    Case("merge-top-k-0", "`--top-k 0`", lambda L, t: ["merge", "--top-k", "0"], MERGED, "top-k 0"),
+    Case("merge-top-k-too-large", "`--top-k 4` with 3 experts", lambda L, t: ["merge", "--top-k", "4"], MERGED,
+         "top-k 4"),
+    Case("merge-exclude-unknown", "merge excluding an unknown owner", lambda L, t: ["merge", "--exclude", "gamma"],
+         MERGED, "'gamma'"),
+    Case("opt-out-exclude-unknown", "opt-out excluding an unknown owner", _opt_out_unknown,
+         lambda L, t: [t / "no-gamma"], "'gamma'"),
+    Case("router-embedding-width", "a router embedding of the wrong width (train-expert)", _router_width,
+         EXPERT_ALPHA, "(16,)"),
+    Case("audit-threshold", "audit-extraction `--threshold 1.5`",
+         lambda L, t: ["audit-extraction", "--owner", "alpha", "--threshold", "1.5"],
+         lambda L, t: [L.results], "1.5"),
+]
+SUBPROCESS = ["params-unknown-key", "package-truncated", "router-embedding-width", "opt-out-exclude-unknown"]
+OBSERVED: dict[str, dict] = {}
+
+
+def display(argv: list[str], layout: Layout, tmp: Path) -> str:
+    text = " ".join(f"'{a}'" if " " in a else a for a in argv)
+    return "flexo " + text.replace(str(layout.root) + "/", "").replace(str(tmp), "TMP")
+
+
+def scrub(message: str, layout: Layout, tmp: Path) -> str:
+    """Paths relative to the project, and hash prefixes (which vary with float rounding) as `{hash}`, so the
+    generated note only changes when a message does."""
+    message = message.replace(str(layout.root) + "/", "").replace(str(layout.root), ".").replace(str(tmp), "TMP")
+    return re.sub(r"\b[0-9a-f]{12}…", "{hash}…", message)
+
+
+def prepare(case: Case, tiny: Layout, tmp: Path) -> tuple[Layout, list[str], list[Path], str, dict]:
+    root = tmp / "project"
+    shutil.copytree(tiny.root, root)
+    layout = Layout.at(root)
+    argv = case.setup(layout, tmp)
+    outs = case.outs(layout, tmp)
+    words = case.words(layout, tmp) if callable(case.words) else case.words
+    return layout, argv, outs, words, {p: snapshot(p) for p in outs}
+
+
+def check_refusal(case: Case, rc: int, err: str, layout: Layout, outs: list[Path], words: str, before: dict,
+                  tmp: Path) -> None:
+    lines = err.splitlines()
+    assert rc == 2, f"{case.name}: exit {rc}\n{err}"
+    assert len(lines) == 1 and err.endswith("\n"), f"{case.name}: stderr is not one line:\n{err}"
+    assert lines[0].startswith("flexo: error: ") and "Traceback" not in err, err
+    assert words in lines[0], f"{case.name}: {words!r} not in {lines[0]!r}"
+    for p in outs:
+        assert snapshot(p) == before[p], f"{case.name}: {p} changed"
+    assert not leftovers(layout.root), leftovers(layout.root)
+    assert not [p for p in tmp.iterdir() if ".tmp-" in p.name]
+
+
+def run_case(case: Case, tiny: Layout, tmp: Path) -> dict:
+    layout, argv, outs, words, before = prepare(case, tiny, tmp)
+    rc, err = run_cli(["--root", str(layout.root), *argv])
+    check_refusal(case, rc, err, layout, outs, words, before, tmp)
+    OBSERVED[case.name] = {"what": case.what, "command": display(argv, layout, tmp),
+                           "message": scrub(err.strip(), layout, tmp)}
+    return OBSERVED[case.name]
+
+
+# --------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_no_partial_output(case, tiny_project, tmp_path):
+    run_case(case, tiny_project, tmp_path)
+
+
+def flexo_command() -> list[str]:
+    """The installed `flexo` console script (what users, DVC and the flows run), else its equivalent."""
+    script = Path(sys.executable).parent / "flexo"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from flexo.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+@pytest.mark.parametrize("name", SUBPROCESS)
+def test_bad_input_in_a_real_process(name, tiny_project, tmp_path):
+    """The same refusals from a real `flexo` process: no log line, warning or progress bar around the one
+    error line either."""
+    case = next(c for c in CASES if c.name == name)
+    layout, argv, outs, words, before = prepare(case, tiny_project, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([*flexo_command(), "--root", str(layout.root), *argv],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    check_refusal(case, r.returncode, r.stderr, layout, outs, words, before, tmp_path)
+    assert r.stdout == ""
+
+
+def test_python_dash_m_knows_the_registered_subcommands(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flexo.cli", "merge", "--help"], capture_output=True, text=True,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def test_binary_and_non_utf8_files_are_skipped_and_counted(tiny_project, tmp_path, caplog):
+    root = tmp_path / "project"
+    shutil.copytree(tiny_project.root, root)
+    layout = Layout.at(root)
+    inbox = layout.owner_inbox("alpha")
+    (inbox / "blob.txt").write_bytes(b"\x00\x01\x02binary\xff" * 64)
+    (inbox / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e ".encode("latin-1") * 40)
+    before = {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")}
+    with caplog.at_level(logging.WARNING, logger="stages.curate"):
+        rc, err = run_cli(["--root", str(root), "curate", "--owner", "alpha"])
+    assert rc == 0, err
+    assert "flexo: error" not in err and "Traceback" not in err
+    inbox_report = json.loads((layout.curated("alpha") / "manifest.json").read_text())["inbox"]
+    assert inbox_report["skipped_files"] == 2 and inbox_report["skipped"] == ["blob.txt", "latin1.txt"]
+    assert inbox_report["files"] == len(list(inbox.glob("*.txt")))
+    # the skipped files add nothing: the splits are the ones curated without them
+    assert {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")} == before
+    warnings = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(warnings) == 2
+    OBSERVED["inbox-binary-non-utf8"] = {
+        "what": "a binary and a non-UTF-8 (Latin-1) `.txt` file in the owner's folder (not an error)",
+        "command": "flexo curate --owner alpha",
+        "message": "exit 0; manifest `inbox.skipped_files: 2`, `skipped: [blob.txt, latin1.txt]`; log warnings: "
+                   + " / ".join(scrub(w, layout, tmp_path) for w in warnings),
+    }
+
+
+def render_matrix(observed: dict[str, dict]) -> str:
+    lines = [
+        "# Bad-input matrix",
+        "",
+        "Generated by `tests/test_bad_input.py` (`test_write_matrix_doc`) from the messages observed in the run;",
+        "do not edit by hand. Every case runs the real CLI on a copy of the tiny test project. Each refusal",
+        "exits with status 2, prints exactly the one line quoted here on stderr and leaves the stage's output",
+        "absent or unchanged (no temp folder either). Paths are relative to the project root, `TMP` is the",
+        "test's temp folder and `{hash}` stands for a 12-hex-digit hash prefix.",
+        "",
+        "| case | what is wrong | command | observed message |",
+        "|---|---|---|---|",
+    ]
+    order = [c.name for c in CASES] + ["inbox-binary-non-utf8"]
+    for name in order:
+        o = observed[name]
+        cell = lambda s: s.replace("|", "\\|")  # noqa: E731
+        lines.append(f"| {name} | {cell(o['what'])} | `{cell(o['command'])}` | {cell(o['message'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_write_matrix_doc(tiny_project, tmp_path_factory, caplog):
+    """docs/bad_input_matrix.md from this run's observations (cases not run in this session are run here)."""
+    for case in CASES:
+        if case.name not in OBSERVED:
+            run_case(case, tiny_project, tmp_path_factory.mktemp(case.name))
+    if "inbox-binary-non-utf8" not in OBSERVED:
+        test_binary_and_non_utf8_files_are_skipped_and_counted(tiny_project, tmp_path_factory.mktemp("inbox"), caplog)
+    text = render_matrix(OBSERVED)
+    DOC.parent.mkdir(exist_ok=True)
+    if not DOC.is_file() or DOC.read_text() != text:
+        DOC.write_text(text)
+    assert all(o["message"].startswith("flexo: error: ") for n, o in OBSERVED.items() if n != "inbox-binary-non-utf8")

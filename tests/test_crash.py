@@ -1,0 +1,223 @@
+"""Crash safety: a stage killed with SIGKILL half way leaves nothing a later stage (or DVC) could take for a
+finished output, and rerunning the same command completes with the result of an uninterrupted run.
+
+The killed runs are real `flexo` processes (`flexo.cli.main`, started with `python -c`): the only thing
+the test adds is a short pause inside the process (a slower learning-rate lookup, or a pause after the
+first shard / split is written) so that the kill lands half way on any machine. The kill itself is a real
+SIGKILL: no handler, no clean-up code runs. In-process exceptions half way are tested as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexo.fsutil import sha256_file
+from flexo.layout import Layout
+from flexo.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+RUN_CLI = "import sys, time\nimport flexo.cli\n{patch}\nfrom flexo.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+# 0.25 s more per optimizer step (the learning-rate lookup runs once per step).
+SLOW_STEPS = ("import flexo.training as T\n_lr = T.lr_at\n"
+              "T.lr_at = lambda *a: (time.sleep(0.25), _lr(*a))[1]")
+# Hang (until killed) right after the merge writes its first shard into its temp folder.
+HANG_AFTER_FIRST_SHARD = ("import stages.merge as M\n_save = M.save_file\n"
+                          "def save(*a, **k):\n    _save(*a, **k)\n    time.sleep(600)\n"
+                          "M.save_file = save")
+# Hang (until killed) once curate has written the held-out split and train.jsonl into its temp folder.
+HANG_AFTER_TRAIN_SPLIT = ("import stages.curate as C\n_write = C._write_split\ncalls = []\n"
+                          "def write(*a, **k):\n    _write(*a, **k)\n    calls.append(1)\n"
+                          "    if len(calls) == 2:\n        time.sleep(600)\n"
+                          "C._write_split = write")
+
+
+def project_copy(tiny: Layout, tmp: Path) -> Layout:
+    shutil.copytree(tiny.root, tmp / "project")
+    return Layout.at(tmp / "project")
+
+
+def start(root: Path, argv: list[str], patch: str, log: Path) -> subprocess.Popen:
+    """`flexo --root ROOT ARGV` in a new process with `patch` applied first; output goes to `log`."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-c", RUN_CLI.format(patch=patch), "--root", str(root), *argv],
+                                cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+
+
+def kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 300) -> None:
+    """Poll `ready()` every 10 ms; SIGKILL the process as soon as it holds."""
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the process ended (exit {proc.returncode}) before it could be killed:\n{log.read_text()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for the kill point:\n{log.read_text()[-3000:]}")
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def flexo(root: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`flexo --root ROOT ARGV` with the installed console script (what users, DVC and the flows run)."""
+    script = Path(sys.executable).parent / "flexo"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-c", RUN_CLI.format(patch="")]
+    r = subprocess.run([*cmd, "--root", str(root), *argv], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def temps(folder: Path, name: str) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}.tmp-"))
+
+
+# ------------------------------------------------------------------------------------------- training
+def test_training_killed_resumes_from_its_checkpoint_to_the_same_expert(tiny_project, tmp_path):
+    layout = project_copy(tiny_project, tmp_path)
+    params = load_params(layout.params)
+    reference = load_file(tiny_project.expert("alpha") / "expert.safetensors")  # the uninterrupted run
+    shutil.rmtree(layout.expert("alpha"))
+    state = layout.checkpoints("expert-alpha") / "state.json"
+
+    log = tmp_path / "killed.log"
+    proc = start(layout.root, ["train-expert", "--owner", "alpha"], SLOW_STEPS, log)
+    kill_when(proc, state.is_file, log)
+    step = json.loads(state.read_text())["step"]
+    assert 0 < step < params.train_expert.max_steps and step % params.train_expert.checkpoint_every == 0
+    assert not layout.expert("alpha").exists()
+    assert not temps(layout.expert("alpha").parent, "alpha")
+
+    r = flexo(layout.root, "train-expert", "--owner", "alpha")
+    assert f"resuming train-expert alpha from step {step}" in r.stderr
+    resumed = load_file(layout.expert("alpha") / "expert.safetensors")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    assert json.loads(r.stdout)["steps"] == params.train_expert.max_steps
+    assert not layout.checkpoints("expert-alpha").exists()  # dropped once the output is complete
+
+
+# ---------------------------------------------------------------------------------------------- merge
+def test_merge_killed_half_way_leaves_no_output_and_a_rerun_ignores_the_temp(tiny_project, tmp_path):
+    from stages.merge import merge
+
+    layout = project_copy(tiny_project, tmp_path)
+    clean = tmp_path / "clean"
+    merge(load_params(tiny_project.params), tiny_project, out=clean)  # an uninterrupted merge, elsewhere
+
+    log = tmp_path / "killed.log"
+    proc = start(layout.root, ["merge"], HANG_AFTER_FIRST_SHARD, log)
+    models = layout.root / "models"
+    kill_when(proc, lambda: any(models.glob(".merged.tmp-*/.shard-*.partial")), log)
+    assert not layout.merged.exists()
+    stale = temps(models, "merged")
+    assert len(stale) == 1 and [p.name for p in models.iterdir() if "merged" in p.name] == stale
+
+    flexo(layout.root, "merge")
+    got, want = tree(layout.merged), tree(clean)
+    assert got.keys() == want.keys()  # no stray .partial shard either
+    for name in want:  # bit-identical to the uninterrupted merge (flexo.json differs only by its wall time)
+        if name != "flexo.json":
+            assert got[name] == want[name], name
+    meta, ref = (json.loads((d / "flexo.json").read_text()) for d in (layout.merged, clean))
+    meta.pop("wall_s"), ref.pop("wall_s")
+    assert meta == ref and meta["experts"] == ["public", "alpha", "beta"]
+    assert temps(models, "merged") == stale  # the dead run's temp folder was not picked up
+
+
+def test_merge_failing_half_way_in_process_leaves_nothing(tiny_project, tmp_path, monkeypatch):
+    import stages.merge as merge_mod
+
+    layout = project_copy(tiny_project, tmp_path)
+    params = copy.deepcopy(load_params(layout.params))
+    params.merge.shard_bytes = 100_000  # several shards (below the params.yaml minimum on purpose)
+    real, calls = merge_mod.save_file, []
+
+    def save_then_fail(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(merge_mod, "save_file", save_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        merge_mod.merge(params, layout)
+    assert len(calls) == 2 and not layout.merged.exists()
+    assert not temps(layout.merged.parent, "merged")  # an exception (unlike SIGKILL) cleans its temp up
+    monkeypatch.setattr(merge_mod, "save_file", real)
+    assert merge_mod.merge(params, layout)["shards"] >= 2
+
+
+# --------------------------------------------------------------------------------------------- curate
+def test_curate_killed_half_way_keeps_the_previous_complete_version(tiny_project, tmp_path):
+    layout = project_copy(tiny_project, tmp_path)
+    before = tree(layout.curated("alpha"))
+    (layout.owner_inbox("alpha") / "extra.txt").write_text("An extra document the killed run never finishes. " * 20)
+
+    log = tmp_path / "killed.log"
+    proc = start(layout.root, ["curate", "--owner", "alpha"], HANG_AFTER_TRAIN_SPLIT, log)
+    curated = layout.curated("alpha").parent
+    kill_when(proc, lambda: any(curated.glob(".alpha.tmp-*/train.jsonl")), log)
+    assert tree(layout.curated("alpha")) == before  # the previous complete version, untouched
+    assert len(temps(curated, "alpha")) == 1
+
+    flexo(layout.root, "curate", "--owner", "alpha")
+    after = tree(layout.curated("alpha"))
+    assert set(after) == {"train.jsonl", "val.jsonl", "manifest.json"}
+    manifest = json.loads((layout.curated("alpha") / "manifest.json").read_text())
+    old = json.loads((tiny_project.curated("alpha") / "manifest.json").read_text())
+    assert manifest["inbox"]["files"] == old["inbox"]["files"] + 1  # the rerun's output, complete
+    assert manifest["splits"]["train"]["sha256"] == sha256_file(layout.curated("alpha") / "train.jsonl")
+
+
+def test_curate_killed_on_a_fresh_owner_leaves_no_output(tiny_project, tmp_path):
+    layout = project_copy(tiny_project, tmp_path)
+    shutil.rmtree(layout.curated("alpha"))
+    shutil.rmtree(layout.heldout("alpha"))
+    log = tmp_path / "killed.log"
+    proc = start(layout.root, ["curate", "--owner", "alpha"], HANG_AFTER_TRAIN_SPLIT, log)
+    curated = layout.curated("alpha").parent
+    kill_when(proc, lambda: any(curated.glob(".alpha.tmp-*/train.jsonl")), log)
+    assert not layout.curated("alpha").exists()
+    flexo(layout.root, "curate", "--owner", "alpha")
+    assert (layout.curated("alpha") / "manifest.json").is_file()
+    for split in ("train", "val"):  # the same splits as the fixture's uninterrupted curate
+        assert (layout.curated("alpha") / f"{split}.jsonl").read_bytes() == \
+            (tiny_project.curated("alpha") / f"{split}.jsonl").read_bytes()
+
+
+def test_curate_failing_half_way_in_process_leaves_no_curated_folder(tiny_project, tmp_path, monkeypatch):
+    import stages.curate as curate_mod
+
+    layout = project_copy(tiny_project, tmp_path)
+    shutil.rmtree(layout.curated("alpha"))
+    real, calls = curate_mod._write_split, []
+
+    def write_then_fail(*a, **k):
+        real(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(curate_mod, "_write_split", write_then_fail)
+    with pytest.raises(OSError):
+        curate_mod.curate("alpha", load_params(layout.params), layout)
+    assert not layout.curated("alpha").exists() and not temps(layout.curated("alpha").parent, "alpha")
