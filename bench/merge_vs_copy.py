@@ -1,0 +1,112 @@
+"""Merge throughput and memory against `cp` of the same bytes, on synthetic expert packages.
+
+    python bench/merge_vs_copy.py --experts 8 --layers 12 --hidden 1024 --intermediate 2816 --out /tmp/mb
+
+Builds a random public FlexOlmo (1 expert) and N expert packages of the same shapes (valid manifests,
+fingerprints and sha256), then times `flexo merge` (a subprocess, peak RSS from /usr/bin/time) and
+`cp` of the same input files, and prints/writes a JSON of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_inputs(root: Path, n: int, layers: int, hidden: int, inter: int) -> tuple[Path, list[Path]]:
+    from transformers import FlexOlmoConfig
+
+    from flexo.modeling import expert_tensors, fingerprint, new_model, write_expert_package, write_meta
+
+    cfg = FlexOlmoConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, num_experts=1,
+                         num_experts_per_tok=1, pad_token_id=1, eos_token_id=0, bos_token_id=0)
+    public = root / "public"
+    torch.manual_seed(0)
+    model = new_model(cfg)
+    model.save_pretrained(public)
+    fp = fingerprint(public)
+    write_meta(public, {"kind": "public", "experts": ["public"], "fingerprint": fp})
+    experts = []
+    for i in range(n):
+        with torch.no_grad():
+            for layer in model.model.layers:  # a different random expert each time
+                layer.mlp.experts.gate_up_proj.normal_(0, 0.02)
+                layer.mlp.experts.down_proj.normal_(0, 0.02)
+        folder = root / f"owner{i}"
+        write_expert_package(folder, expert_tensors(model, 0), {
+            "owner": f"owner{i}", "format": "flexo-expert-v1", "public_fingerprint": fp, "num_layers": layers,
+            "hidden_size": hidden, "intermediate_size": inter})
+        experts.append(folder)
+    return public, experts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/flexo-merge-bench"))
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    shutil.rmtree(a.out, ignore_errors=True)
+    a.out.mkdir(parents=True)
+    t = time.time()
+    public, experts = build_inputs(a.out / "in", a.experts, a.layers, a.hidden, a.intermediate)
+    inputs = [p for d in [public, *experts] for p in d.glob("*.safetensors")]
+    total = sum(p.stat().st_size for p in inputs)
+    largest = max(p.stat().st_size for p in inputs)
+    print(f"built {len(inputs)} input files, {total / 1e9:.2f} GB, in {time.time() - t:.0f}s", flush=True)
+
+    flexo = [sys.executable, "-m", "flexo.cli"]
+    cmd = ["/usr/bin/time", "-f", "%e %M", *flexo, "merge", "--public", str(public), "--expert",
+           *map(str, experts), "--top-k", "2", "--out", str(a.out / "merged")]
+    subprocess.run(["sync"])
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FLEXO_THREADS": "2"})
+    if r.returncode:
+        raise SystemExit(r.stderr[-2000:])
+    wall, rss_kb = r.stderr.strip().splitlines()[-1].split()
+    merge_s, merge_rss = float(wall), int(rss_kb) * 1024
+    meta = json.loads((a.out / "merged" / "flexo.json").read_text())
+    baseline = subprocess.run([*flexo, "--help"], capture_output=True)  # warm imports for the baseline RSS
+    base = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, "-c",
+                           "import torch, transformers, safetensors, flexo.modeling"], capture_output=True, text=True)
+    base_rss = int(base.stderr.strip().splitlines()[-1].split()[1]) * 1024
+    subprocess.run(["sync"])
+    t = time.time()
+    (a.out / "copy").mkdir()
+    subprocess.run(["cp", *map(str, inputs), str(a.out / "copy")], check=True)
+    subprocess.run(["sync"])
+    cp_s = time.time() - t
+    figures = {
+        "input_bytes": total, "largest_input_bytes": largest, "experts": a.experts,
+        "shape": {"layers": a.layers, "hidden": a.hidden, "intermediate": a.intermediate},
+        "merge_s": merge_s, "merge_wall_in_stage_s": meta.get("wall_s"), "cp_s": round(cp_s, 2),
+        "merge_bytes_per_s": round(total / merge_s), "cp_bytes_per_s": round(total / cp_s),
+        "merge_vs_copy": round((total / merge_s) / (total / cp_s), 3),
+        "merge_peak_rss_bytes": merge_rss, "import_only_rss_bytes": base_rss,
+        "merge_peak_rss_over_largest_input": round(merge_rss / largest, 3),
+        "merge_rss_above_imports_over_largest_input": round((merge_rss - base_rss) / largest, 3),
+        "shards": meta.get("shards"),
+    }
+    print(json.dumps(figures, indent=2))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(figures, indent=2) + "\n")
+    shutil.rmtree(a.out, ignore_errors=True)
+    del baseline
+
+
+if __name__ == "__main__":
+    main()
