@@ -48,7 +48,8 @@ def stage_command(stage: str, root: Path) -> str:
     from dvc.repo import Repo
 
     with DVC_LOCK, Repo(str(root)) as repo:
-        matches = [s for s in repo.index.stages if s.addressing == stage]
+        # `name` is the stage's name inside dvc.yaml (`addressing` is relative to the process's cwd)
+        matches = [s for s in repo.index.stages if s.name == stage]
         if not matches:
             raise ValueError(f"no DVC stage named {stage!r} in {root}/dvc.yaml")
         return matches[0].cmd

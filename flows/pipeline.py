@@ -44,12 +44,14 @@ def pipeline(root: str = ".", max_parallel_owners: int = 2) -> dict:
         for o in group:
             states[f"train_expert@{o}"] = trained[o].result()
     states["merge"] = run_stage("merge", str(root_path))
-    # Federated router tuning: each owner's router update on its own text, then the centre combines.
+    # Owner-side stages on the merged model: the federated router update (then the centre combines)
+    # and the data-extraction audit, each on the owner's own text.
     for start in range(0, len(owners), max_parallel_owners):
         group = owners[start : start + max_parallel_owners]
-        updated = {o: run_stage.submit(f"router_update@{o}", str(root_path)) for o in group}
-        for o in group:
-            states[f"router_update@{o}"] = updated[o].result()
+        futures = {f"{kind}@{o}": run_stage.submit(f"{kind}@{o}", str(root_path))
+                   for o in group for kind in ("router_update", "audit")}
+        for name, future in futures.items():
+            states[name] = future.result()
     for stage in FAN_IN_STAGES[1:]:
         states[stage] = run_stage(stage, str(root_path))
     table = root_path / "results" / "table.md"

@@ -8,6 +8,7 @@ DVC's own stage graph — not from `dvc repro --dry`, which under-reports downst
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from flexo.layout import Layout
 from flexo.params import PUBLIC, Params, validate_owner_name
 
 log = logging.getLogger(__name__)
-OWNER_STAGES = ("curate", "embed", "train_expert", "router_update")
+OWNER_STAGES = ("curate", "embed", "train_expert", "router_update", "audit")
 
 
 def _known_owner_dirs(layout: Layout) -> set[str]:
@@ -53,6 +54,7 @@ def prune_withdrawn(params: Params, layout: Layout) -> list[str]:
         for path in (layout.curated(owner), layout.heldout(owner), layout.expert(owner),
                      layout.router_embedding(owner), layout.router_embedding(owner).with_suffix(".json"),
                      layout.router_update(owner), layout.router_update(owner).with_suffix(".json"),
+                     layout.results / "extraction" / f"{owner}.json",
                      layout.checkpoints(f"expert-{owner}")):
             if path.exists():
                 remove_path(path)
@@ -76,10 +78,14 @@ def rerun_plan(root: Path) -> tuple[list[str], list[str]]:
     from dvc.repo import Repo
 
     try:
+        # DVC names stages relative to the working directory: work from the project root.
+        stack = contextlib.ExitStack()
+        stack.enter_context(contextlib.chdir(root))
         repo = Repo(str(root))
     except Exception as e:  # not a DVC repo, broken dvc.yaml: one line either way
+        stack.close()
         raise FlexoError(f"cannot open the DVC project at {root} ({type(e).__name__}: {e}): run `make dvc-init`") from None
-    with repo:
+    with stack, repo:
         changed = sorted(repo.status())
         graph = repo.index.graph
         by_name = {s.addressing: s for s in graph.nodes}
@@ -97,8 +103,9 @@ def status(params: Params, layout: Layout) -> dict:
     for owner in params.owners:
         package = layout.expert(owner) / "expert.json"
         stale = [s for s in rerun if s.endswith(f"@{owner}")]
+        expert_stale = any(s in stale for s in (f"curate@{owner}", f"embed@{owner}", f"train_expert@{owner}"))
         owners[owner] = {
-            "expert": "current" if package.is_file() and not stale else ("stale" if package.is_file() else "missing"),
+            "expert": "missing" if not package.is_file() else ("stale" if expert_stale else "current"),
             "stages_to_rerun": stale,
         }
     return {"owners": owners, "withdrawn": withdrawn_owners(params, layout), "changed": changed,
