@@ -35,6 +35,10 @@ def build_inputs(root: Path, n: int, layers: int, hidden: int, inter: int) -> tu
     torch.manual_seed(0)
     model = new_model(cfg)
     model.save_pretrained(public)
+    tokenizer = Path(__file__).resolve().parents[1] / "models" / "tokenizer"
+    for f in tokenizer.glob("*.json"):  # a merged folder ships the public model's tokenizer
+        if f.name != "manifest.json":
+            shutil.copy(f, public / f.name)
     fp = fingerprint(public)
     write_meta(public, {"kind": "public", "experts": ["public"], "fingerprint": fp})
     experts = []
@@ -59,6 +63,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--out", type=Path, default=Path("/tmp/flexo-merge-bench"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--shard-bytes", type=int, default=None, help="merge.shard_bytes for this run")
     a = ap.parse_args()
     shutil.rmtree(a.out, ignore_errors=True)
     a.out.mkdir(parents=True)
@@ -70,6 +75,13 @@ def main() -> None:
     print(f"built {len(inputs)} input files, {total / 1e9:.2f} GB, in {time.time() - t:.0f}s", flush=True)
 
     flexo = [sys.executable, "-m", "flexo.cli"]
+    if a.shard_bytes:
+        import yaml
+
+        params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+        params["merge"]["shard_bytes"] = a.shard_bytes
+        (a.out / "params.yaml").write_text(yaml.safe_dump(params))
+        flexo += ["--params", str(a.out / "params.yaml")]
     cmd = ["/usr/bin/time", "-f", "%e %M", *flexo, "merge", "--public", str(public), "--expert",
            *map(str, experts), "--top-k", "2", "--out", str(a.out / "merged")]
     subprocess.run(["sync"])
@@ -86,7 +98,7 @@ def main() -> None:
     subprocess.run(["sync"])
     t = time.time()
     (a.out / "copy").mkdir()
-    subprocess.run(["cp", *map(str, inputs), str(a.out / "copy")], check=True)
+    subprocess.run(["cp", "-r", str(a.out / "in"), str(a.out / "copy" / "in")], check=True)
     subprocess.run(["sync"])
     cp_s = time.time() - t
     figures = {
@@ -98,7 +110,7 @@ def main() -> None:
         "merge_peak_rss_bytes": merge_rss, "import_only_rss_bytes": base_rss,
         "merge_peak_rss_over_largest_input": round(merge_rss / largest, 3),
         "merge_rss_above_imports_over_largest_input": round((merge_rss - base_rss) / largest, 3),
-        "shards": meta.get("shards"),
+        "shards": meta.get("shards"), "shard_bytes": a.shard_bytes or "params.yaml",
     }
     print(json.dumps(figures, indent=2))
     if a.json:

@@ -104,7 +104,7 @@ class EmbedParams:
 @dataclass
 class MergeParams:
     top_k: int = num(2, 1)  # experts active per token in the merged model (<= number of experts)
-    shard_bytes: int = num(2_000_000_000, 1_000_000)  # max bytes per written safetensors shard
+    shard_bytes: int = num(500_000_000, 1_000_000)  # max bytes per written shard (merge memory ≈ one shard + one layer)
 
 
 @dataclass
