@@ -55,6 +55,16 @@ def arithmetic_documents(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
+def all_tensors(folder: Path) -> dict:
+    """Every tensor of a model folder (all safetensors shards), by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def make_tiny_project(root: Path) -> Path:
     """params.yaml + owner inboxes: alpha = stdlib `email` code, beta = arithmetic drills."""
     root.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,6 @@ rows kept bit for bit), sharding, streaming, and every bad input as a one-line e
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -20,25 +19,8 @@ from flexo.fsutil import sha256_file
 from flexo.modeling import fingerprint, load_model, read_meta
 from flexo.params import load_params
 from stages.merge import WeightReader, merge
-
-
-def run_cli(argv: list[str]) -> int:
-    """flexo.cli.main with the stage subcommands registered (if the lead's wiring has not done it yet)."""
-    from flexo import cli, commands  # noqa: F401  (commands may register the subcommands itself)
-    from stages import merge as m, optout as o, router_tune as r
-
-    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name, mod in (("merge", m), ("opt-out", o), ("router-tune", r)):
-        if name not in sub.choices:
-            cli.register(mod.add_cli)
-    return cli.main(argv)
-
-
-def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+from flexo.cli import main as run_cli  # every stage's subcommand is registered
+from conftest import all_tensors
 
 
 def logits(model_dir: Path, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from flexo.errors import FlexoError
 from flexo.modeling import load_model, read_meta
@@ -20,27 +18,10 @@ from flexo.params import load_params
 from flexo.serving import FlexoServer, runtime_opt_out
 from stages.merge import merge
 from stages.optout import opt_out
+from flexo.cli import main as run_cli  # every stage's subcommand is registered
+from conftest import all_tensors
 
 EXPERTS = ["public", "alpha", "beta"]
-
-
-def run_cli(argv: list[str]) -> int:
-    """flexo.cli.main with the stage subcommands registered (if the lead's wiring has not done it yet)."""
-    from flexo import cli, commands  # noqa: F401
-    from stages import merge as m, optout as o, router_tune as r
-
-    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name, mod in (("merge", m), ("opt-out", o), ("router-tune", r)):
-        if name not in sub.choices:
-            cli.register(mod.add_cli)
-    return cli.main(argv)
-
-
-def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="module")
