@@ -117,3 +117,22 @@ def tiny_project(tmp_path_factory):
     for owner in params.owners:
         train_expert(owner, params, layout)
     return layout
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_project):
+    """(params, layout) of the tiny project."""
+    from flexo.params import load_params
+
+    return load_params(tiny_project.params), tiny_project
+
+
+@pytest.fixture(scope="module")
+def merged(ctx, tmp_path_factory) -> Path:
+    """The tiny project's public model and both experts merged (top-2), one copy per test module."""
+    from stages.merge import merge
+
+    params, layout = ctx
+    out = tmp_path_factory.mktemp("merged") / "merged"
+    merge(params, layout, out=out)
+    return out

@@ -38,22 +38,6 @@ def run_cli(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def ctx(tiny_project):
-    return load_params(tiny_project.params), tiny_project
-
-
-@pytest.fixture(scope="module")
-def merged(ctx, tmp_path_factory) -> Path:
-    from stages.merge import merge
-
-    params, layout = ctx
-    out = tmp_path_factory.mktemp("attribution") / "merged"
-    merge(params, layout, out=out)
-    assert read_meta(out)["experts"] == EXPERTS
-    return out
-
-
-@pytest.fixture(scope="module")
 def loaded(merged):
     return load_model(merged), load_tokenizer_for(merged)
 

@@ -29,19 +29,6 @@ def logits(model_dir: Path, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def ctx(tiny_project):
-    return load_params(tiny_project.params), tiny_project
-
-
-@pytest.fixture(scope="module")
-def merged(ctx, tmp_path_factory) -> Path:
-    params, layout = ctx
-    out = tmp_path_factory.mktemp("merge") / "merged"
-    merge(params, layout, out=out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tokens(ctx) -> torch.Tensor:
     return torch.randint(2, 500, (2, 48), generator=torch.Generator().manual_seed(0))
 

@@ -25,19 +25,6 @@ EXPERTS = ["public", "alpha", "beta"]
 
 
 @pytest.fixture(scope="module")
-def ctx(tiny_project):
-    return load_params(tiny_project.params), tiny_project
-
-
-@pytest.fixture(scope="module")
-def merged(ctx, tmp_path_factory) -> Path:
-    params, layout = ctx
-    out = tmp_path_factory.mktemp("optout") / "merged"
-    merge(params, layout, out=out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tokens() -> torch.Tensor:
     return torch.randint(2, 500, (3, 40), generator=torch.Generator().manual_seed(1))
 
