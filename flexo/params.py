@@ -89,6 +89,13 @@ class TrainPublicParams(TrainParams):
 class TrainExpertParams(TrainParams):
     lr: float = num(2e-3, 0.0, lo_open=True)
     public_mix: float = num(0.25, 0.0, 0.9)  # share of each batch drawn from public text (public data: isolation holds)
+    # classifier: r_owner = r_pub + a logistic regression "own vs public text" on the public model's router
+    # inputs, frozen during training; trained: r_owner starts at the domain embedding and trains with the expert.
+    router: Literal["classifier", "trained"] = "classifier"
+    router_blocks: int = num(48, 1)  # blocks of own and of public text the classifier is fitted on
+    router_steps: int = num(300, 1)  # Adam steps of the classifier fit
+    router_lr: float = num(1e-2, 0.0, lo_open=True)
+    router_l2: float = num(1e-3, 0.0)  # L2 on w scaled by the features' spread
 
 
 @dataclass
@@ -109,14 +116,18 @@ class MergeParams:
 
 @dataclass
 class RouterTuneParams:
-    # federated: each owner, in its own stage, tunes the merged model's router rows on its own text and
-    # ships only the change; the centre adds the changes up. proxy: tune on public documents close to
-    # each owner's domain embedding. none: models/merged-rt is a copy of the merged model.
+    # federated: each owner ships statistics of its model's router inputs on its own text (router-update);
+    # the centre fits all rows as one classifier. proxy: LM-loss tuning of the router rows on public
+    # documents close to each owner's domain embedding. none: models/merged-rt is a copy of the merged model.
     method: Literal["federated", "proxy", "none"] = "federated"
-    steps: int = num(20, 1)  # optimizer steps (per owner for federated), router rows only
-    batch_size: int = num(8, 1)
-    lr: float = num(1e-3, 0.0, lo_open=True)
-    public_mix: float = num(0.25, 0.0, 0.9)  # federated: share of public text in each owner's router batches
+    stats_blocks: int = num(48, 1)  # federated: blocks of text summarised per owner (and for the public class)
+    fit_samples: int = num(4000, 100)  # federated: Gaussian samples per class and layer in the fit
+    fit_steps: int = num(300, 1)  # federated: Adam steps of the fit
+    fit_lr: float = num(1e-2, 0.0, lo_open=True)
+    fit_l2: float = num(1e-3, 0.0)  # federated: L2 on the rows, scaled by the features' spread
+    steps: int = num(20, 1)  # proxy: optimizer steps, router rows only
+    batch_size: int = num(8, 1)  # proxy: sequences per step
+    lr: float = num(1e-3, 0.0, lo_open=True)  # proxy
     proxy_documents: int = num(200, 1)  # proxy: public documents per owner closest to its router embedding
     seed: int = num(0, 0)
 

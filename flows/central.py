@@ -22,8 +22,7 @@ PUBLIC_OUTPUTS = ["curate_public", "tokenizer", "embed_public", "train_public"]
 def central_flow(root: str = ".", remote: str | None = None) -> dict:
     root_path = Path(root).resolve()
     owners = load_params(root_path / "params.yaml").owners
-    # The owners' packages, and their federated router updates (computed by each owner against the same
-    # deterministic merge: `flexo router-update` there, after a first central merge in a real deployment).
+    # The owners' packages and their router statistics (the owner's half of federated router tuning).
     pull(PUBLIC_OUTPUTS + [f"{stage}@{o}" for o in owners for stage in ("embed", "train_expert", "router_update")],
          str(root_path), remote)
     states = {}

@@ -24,14 +24,11 @@ def owner_flow(owner: str, root: str = ".", remote: str | None = None, public_st
     if public_stages:  # public artifacts: pulled from the remote in a real deployment, or rebuilt here
         for stage in ("curate_public", "tokenizer", "embed_public", "train_public"):
             states[stage] = run_stage(stage, str(root_path))
-    for stage in (f"curate@{owner}", f"embed@{owner}", f"train_expert@{owner}"):
+    # The owner's half of federated router tuning (router_update) needs only its own model and text:
+    # it ships the statistics of its router inputs together with the expert package.
+    for stage in (f"curate@{owner}", f"embed@{owner}", f"train_expert@{owner}", f"router_update@{owner}"):
         states[stage] = run_stage(stage, str(root_path))
-    push([f"embed@{owner}", f"train_expert@{owner}"], str(root_path), remote)
-    if (root_path / "models" / "merged" / "flexo.json").is_file():
-        # Second round of federated router tuning: once the centre's merge is here (dvc pull), the owner
-        # tunes the router rows on its own text and ships only that change.
-        states[f"router_update@{owner}"] = run_stage(f"router_update@{owner}", str(root_path))
-        push([f"router_update@{owner}"], str(root_path), remote)
+    push([f"embed@{owner}", f"train_expert@{owner}", f"router_update@{owner}"], str(root_path), remote)
     states["push"] = "pushed"
     return states
 

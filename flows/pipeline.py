@@ -43,13 +43,15 @@ def pipeline(root: str = ".", max_parallel_owners: int = 2) -> dict:
         trained = {o: run_stage.submit(f"train_expert@{o}", str(root_path)) for o in group}
         for o in group:
             states[f"train_expert@{o}"] = trained[o].result()
+        # The owner's half of federated router tuning: statistics of its own model on its own text.
+        stats = {o: run_stage.submit(f"router_update@{o}", str(root_path)) for o in group}
+        for o in group:
+            states[f"router_update@{o}"] = stats[o].result()
     states["merge"] = run_stage("merge", str(root_path))
-    # Owner-side stages on the merged model: the federated router update (then the centre combines)
-    # and the data-extraction audit, each on the owner's own text.
+    # Owner-side stage on the merged model: the data-extraction audit, on the owner's own text.
     for start in range(0, len(owners), max_parallel_owners):
         group = owners[start : start + max_parallel_owners]
-        futures = {f"{kind}@{o}": run_stage.submit(f"{kind}@{o}", str(root_path))
-                   for o in group for kind in ("router_update", "audit")}
+        futures = {f"audit@{o}": run_stage.submit(f"audit@{o}", str(root_path)) for o in group}
         for name, future in futures.items():
             states[name] = future.result()
     for stage in FAN_IN_STAGES[1:]:

@@ -3,7 +3,11 @@
     flexo train-expert --owner math [--no-resume]
 
 Builds the 2-expert model (expert 0 = public FFN, expert 1 = a copy; router rows [r_pub, r_owner] in
-every layer; top-2 of 2) and trains only expert 1's FFN and r_owner. Embeddings, attention, norms and
+every layer; top-2 of 2) and trains only expert 1's FFN — and r_owner too with `train_expert.router:
+trained` (the paper's recipe: r_owner starts from the owner's domain embedding). With `router: classifier`
+(the default) r_owner = r_pub + w per layer, where w is a logistic regression "own text vs public text"
+on the public model's router inputs (flexo/router_fit.py), frozen while the expert trains, so the
+expert learns under the routing it will get in the merge; results/ablation.md has the comparison. Embeddings, attention, norms and
 LM head are frozen (requires_grad=False); expert 0 and r_pub share fused tensors with the trainable
 slice, so they are frozen by a gradient mask with weight decay 0 and stay bit-identical — checked
 before anything is written. Reads only this owner's data plus public artifacts (the public model,
@@ -27,6 +31,7 @@ from flexo.modeling import (
     write_meta,
 )
 from flexo.params import PUBLIC, Params
+from flexo.router_fit import ROUTER_SUFFIX, domain_classifier, gates, router_inputs
 from flexo.ds_backend import select_backend
 from flexo.training import Batches, drop_checkpoint, pack, write_loss_log
 from stages.curate import read_split
@@ -69,6 +74,17 @@ def check_public_parts_unchanged(model, public) -> None:
             raise FlexoError(f"{name}: the public part moved during owner training (weight decay or mask bug)")
 
 
+def set_classifier_rows(model, public, own_blocks: torch.Tensor, public_blocks: torch.Tensor, tp) -> list[dict]:
+    """r_owner = r_pub + w in every layer, w fitted on the public model's router inputs (own vs public text)."""
+    own = router_inputs(public, own_blocks, max_blocks=tp.router_blocks)
+    pub = router_inputs(public, public_blocks, max_blocks=tp.router_blocks)
+    weights, figures = domain_classifier(own, pub, l2=tp.router_l2, steps=tp.router_steps, lr=tp.router_lr)
+    with torch.no_grad():
+        for gate, w in zip(gates(model), weights):
+            gate.weight[1] = gate.weight[0] + w
+    return figures
+
+
 def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = True, on_step=None) -> dict:
     params.check_owner(owner)
     started = time.time()
@@ -84,9 +100,19 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
     seq = params.model.max_seq_len
     train_blocks = pack(tokenizer, read_split(layout, owner, "train"), seq, f"{owner} train split")
     val_blocks = pack(tokenizer, read_split(layout, owner, "val"), seq, f"{owner} val split")
-    # Public text in every owner batch teaches r_owner to lose to r_pub on public-like text (SPEC §4);
-    # it is public data, so the owner's stage still reads no other owner's data.
-    mix = pack(tokenizer, read_split(layout, PUBLIC, "train"), seq, "public train split") if tp.public_mix else None
+    # Public text: in owner batches (`public_mix`) it teaches the expert and a trained r_owner to leave
+    # public-like text to the public expert (SPEC §4); the classifier router is fitted against it. It is
+    # public data, so the owner's stage still reads no other owner's data.
+    public_blocks = None
+    if tp.public_mix or tp.router == "classifier":
+        public_blocks = pack(tokenizer, read_split(layout, PUBLIC, "train"), seq, "public train split")
+    router_figures = None
+    if tp.router == "classifier":
+        router_figures = set_classifier_rows(model, public, train_blocks, public_blocks, tp)
+        for name in [n for n in trainable if n.endswith(ROUTER_SUFFIX)]:
+            trainable.pop(name).requires_grad_(False)
+            masks.pop(name)
+    mix = public_blocks if tp.public_mix else None
     data_manifest = read_json(layout.curated(owner) / "manifest.json", what="curated manifest")
     result = select_backend(tp)(
         model, Batches(train_blocks, tp.batch_size, tp.seed, mix, tp.public_mix), val_blocks, tp,
@@ -114,6 +140,8 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
             "steps": result.steps,
             "tokens_seen": result.tokens,
             "public_mix": tp.public_mix,
+            "router": tp.router,
+            "router_classifier": router_figures,
             "train_loss": round(result.train_loss, 5),
             "val_loss": round(result.val_loss, 5),
             "initial_val_loss": round(result.initial_val_loss, 5),

@@ -23,9 +23,10 @@ tokenizer: {vocab_size: 512}
 model: {hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_seq_len: 64}
 train_public: {max_steps: 30, batch_size: 8, lr: 5.0e-3, warmup_steps: 3, checkpoint_every: 10, eval_every: 10}
 embed: {documents: 16, batch_size: 16}
-train_expert: {max_steps: 12, batch_size: 8, lr: 1.0e-2, warmup_steps: 2, checkpoint_every: 4, eval_every: 4}
+train_expert: {max_steps: 12, batch_size: 8, lr: 1.0e-2, warmup_steps: 2, checkpoint_every: 4, eval_every: 4,
+               router_steps: 60}
 merge: {top_k: 2}
-router_tune: {steps: 4, batch_size: 4, proxy_documents: 8}
+router_tune: {steps: 4, batch_size: 4, proxy_documents: 8, fit_samples: 400, fit_steps: 60}
 evaluate: {batch_size: 4, max_length: 64, limit: 6}
 """
 

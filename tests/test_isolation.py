@@ -36,8 +36,8 @@ def test_every_owner_stage_reads_only_its_own_data_and_public_artifacts(stages):
             others = [o for o in owners if o != owner and dep.startswith(_owner_paths(o))]
             assert not others, f"{name} depends on {dep}, which belongs to {others}"
             assert not dep.startswith("models/experts") or dep.startswith(f"models/experts/{owner}")
-            # the merged model is a shared artifact: the owner's router update and audit start from it
-            assert not dep.startswith("models/merged") or name.startswith(("router_update@", "audit@")), (name, dep)
+            # the merged model is a shared artifact: the owner's extraction audit starts from it
+            assert not dep.startswith("models/merged") or name.startswith("audit@"), (name, dep)
             if dep.startswith("data/curated/"):
                 assert dep in (f"data/curated/{owner}", "data/curated/public"), (name, dep)
 

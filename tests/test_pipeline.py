@@ -92,10 +92,11 @@ def test_adding_a_document_makes_only_that_owner_and_the_fan_in_stale(repro_proj
         "\n".join(f"Calculate {i} + {i * 7}. Answer: {i * 8}" for i in range(40)))
     status = json.loads(sh(root, "flexo", "status", "--json").stdout)
     assert status["changed"] == ["curate@beta"]
-    # beta's branch, then the fan-in: the merge and everything computed on the merged model (every
-    # owner's federated router update and extraction audit, the combination, the evaluation).
+    # beta's branch (its router statistics included), then the fan-in: the merge and everything computed
+    # on the merged model (every owner's extraction audit, the router fit, the evaluation). alpha's router
+    # statistics depend only on alpha's own model and text: they stay.
     assert sorted(status["would_rerun"]) == sorted(
-        ["curate@beta", "embed@beta", "train_expert@beta", "merge", "router_update@alpha", "router_update@beta",
+        ["curate@beta", "embed@beta", "train_expert@beta", "merge", "router_update@beta",
          "audit@alpha", "audit@beta", "router_tune", "evaluate"])
     assert status["owners"]["beta"]["expert"] == "stale" and status["owners"]["alpha"]["expert"] == "current"
     sh(root, "dvc", "repro")

@@ -1,16 +1,17 @@
-"""Federated router tuning: owners ship only router-row changes computed on their own text; the centre
-averages them; nothing else moves, and the opt-out guarantee is recorded honestly."""
+"""Federated router tuning: owners ship only statistics of their model's router inputs on their own text;
+the centre fits every router row from them; nothing else moves, and the opt-out guarantee is honest."""
 
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from flexo.errors import FlexoError
 from flexo.layout import Layout
 from flexo.modeling import load_model, read_meta
 from flexo.params import load_params
+from flexo.router_fit import feature_stats, fit_router, router_inputs
 from stages.merge import merge
 from stages.router_tune import router_tune
 from stages.router_update import router_update
@@ -27,21 +28,42 @@ def project(tiny_project, tmp_path):
     return params, layout
 
 
-def test_owner_update_reads_only_its_data_and_ships_only_router_changes(project, monkeypatch):
+def test_owner_ships_statistics_of_its_own_text_only(project, monkeypatch):
     import stages.router_update as ru
 
     params, layout = project
     read = []
     real = ru.read_split
-    monkeypatch.setattr(ru, "read_split", lambda lay, name, split: (read.append(name), real(lay, name, split))[1])
+    monkeypatch.setattr(ru, "read_split", lambda lay, name, split: (read.append((name, split)), real(lay, name, split))[1])
     info = router_update("alpha", params, layout)
-    assert set(read) == {"alpha", "public"}
-    delta = load_file(layout.router_update("alpha"))
-    assert delta and all(k.endswith("mlp.gate.weight") for k in delta)
-    assert info["delta_norm"] > 0 and info["steps"] == params.router_tune.steps
+    assert read == [("alpha", "train")]
+    stats = load_file(layout.router_update("alpha"))
+    layers = params.model.num_layers
+    width = params.model.hidden_size
+    assert set(stats) == {"tokens"} | {f"layers.{i}.{k}" for i in range(layers) for k in ("mean", "cov")}
+    assert stats["layers.0.cov"].shape == (width, width) and int(stats["tokens"]) == info["tokens"] >= 2048
 
 
-def test_centre_averages_the_updates_and_nothing_else_moves(project):
+def test_statistics_are_the_mean_and_covariance_of_the_router_inputs(project):
+    params, layout = project
+    router_update("beta", params, layout)
+    stats = load_file(layout.router_update("beta"))
+    # Recompute from the owner's own model on its own text: the same numbers.
+    from transformers import AutoTokenizer
+
+    from flexo.training import pack
+    from stages.curate import read_split
+
+    model = load_model(layout.expert("beta") / "model")
+    tok = AutoTokenizer.from_pretrained(layout.expert("beta") / "model")
+    blocks = pack(tok, read_split(layout, "beta", "train"), params.model.max_seq_len, "beta")
+    h = router_inputs(model, blocks, max_blocks=params.router_tune.stats_blocks)[1].double()
+    assert torch.allclose(stats["layers.1.mean"].double(), h.mean(0), atol=1e-4)
+    centred = h - h.mean(0)
+    assert torch.allclose(stats["layers.1.cov"].double(), centred.T @ centred / (len(h) - 1), atol=1e-3)
+
+
+def test_centre_fits_router_rows_and_nothing_else_moves(project):
     params, layout = project
     for owner in params.owners:
         router_update(owner, params, layout)
@@ -49,20 +71,54 @@ def test_centre_averages_the_updates_and_nothing_else_moves(project):
     assert meta["opt_out_guarantee"] == "rerun" and meta["router_tune"]["method"] == "federated"
     merged = load_model(layout.merged).state_dict()
     tuned = load_model(layout.merged_rt).state_dict()
-    deltas = [load_file(layout.router_update(o)) for o in params.owners]
+    moved = 0
     for name, t in tuned.items():
         if name.endswith("mlp.gate.weight"):
-            assert torch.allclose(t, merged[name] + sum(d[name] for d in deltas) / len(deltas), atol=1e-7), name
+            assert torch.equal(t[0], merged[name][0]), name  # r_pub is the public model's row
+            moved += int(not torch.equal(t[1:], merged[name][1:]))
         else:
             assert torch.equal(t, merged[name]), name
+    assert moved == params.model.num_layers
 
 
-def test_update_against_another_merge_is_refused(project):
+def test_the_fit_separates_separable_classes():
+    # Three Gaussian classes around distinct means sharing a large common part (as hidden states do: the
+    # bias-free rows use it as an intercept): the fitted rows classify fresh samples correctly.
+    g = torch.Generator().manual_seed(1)
+    d = 16
+    common = torch.eye(d)[-1] * 8
+    means = [common, common + torch.eye(d)[0] * 6, common + torch.eye(d)[1] * 6]
+    samples = [m + torch.randn(500, d, generator=g) for m in means]
+    stats = [feature_stats([s]) for s in samples]
+    rows, figures = fit_router(stats, 1, samples=800, l2=1e-4, steps=200, lr=5e-2, seed=0)
+    fresh = [m + torch.randn(300, d, generator=g) for m in means]
+    for c, x in enumerate(fresh):
+        logits = torch.cat([torch.zeros(len(x), 1), x @ rows[0].T], 1)
+        assert (logits.argmax(-1) == c).float().mean() > 0.97, c
+    assert min(figures[0]["sample_recall"]) > 0.97
+
+
+def test_statistics_from_another_public_model_are_refused(project):
     params, layout = project
     for owner in params.owners:
         router_update(owner, params, layout)
-    merge(params, layout, top_k=1)  # a different merged model
-    with pytest.raises(FlexoError, match="computed against another merged model"):
+    path = layout.router_update("beta").with_suffix(".json")
+    import json
+
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(info, public_fingerprint="0" * 64)))
+    with pytest.raises(FlexoError, match="another public model"):
+        router_tune(params, layout)
+
+
+def test_corrupt_statistics_are_refused(project):
+    params, layout = project
+    for owner in params.owners:
+        router_update(owner, params, layout)
+    stats = load_file(layout.router_update("alpha"))
+    stats["layers.0.mean"][0] = float("nan")
+    save_file(stats, str(layout.router_update("alpha")))
+    with pytest.raises(FlexoError, match="NaN or Inf"):
         router_tune(params, layout)
 
 

@@ -143,3 +143,39 @@ def test_embedder_that_fails_to_load_is_one_line(project_copy, tmp_path):
     with pytest.raises(FlexoError, match="failed to load") as e:
         embed("alpha", params, layout)
     assert "\n" not in str(e.value)
+
+
+def test_classifier_router_rows_are_fitted_then_frozen(project_copy):
+    """router: classifier — r_owner = r_pub + a logistic regression own-vs-public text, never trained."""
+    from flexo.modeling import coupled_model, load_model
+    from flexo.training import pack
+    from stages.curate import read_split
+    from stages.train_expert import set_classifier_rows
+    from stages.tokenizer import load_tokenizer
+
+    layout, params = project_copy
+    assert params.train_expert.router == "classifier"
+    meta = json.loads((layout.expert("alpha") / "expert.json").read_text())
+    pkg = load_file(layout.expert("alpha") / PACKAGE_TENSORS)
+    # Refit on a fresh coupled model: the same rows as the trained package, so training left them alone.
+    public = load_model(layout.public_model)
+    tok = load_tokenizer(layout)
+    seq = params.model.max_seq_len
+    fresh = coupled_model(public, torch.zeros(params.model.hidden_size))
+    set_classifier_rows(fresh, public, pack(tok, read_split(layout, "alpha", "train"), seq, "a"),
+                        pack(tok, read_split(layout, "public", "train"), seq, "p"), params.train_expert)
+    for i, layer in enumerate(fresh.model.layers):
+        assert torch.equal(pkg[f"layers.{i}.router"], layer.mlp.gate.weight[1]), i
+    # A real classifier, even on this 30-step model: balanced accuracy well above chance (0.5).
+    for fig in meta["router_classifier"]:
+        assert (fig["own_recall"] + fig["public_recall"]) / 2 > 0.58, fig
+
+
+def test_trained_router_rows_start_from_the_embedding_and_move(project_copy):
+    layout, params = project_copy
+    params.train_expert.router = "trained"
+    train_expert("alpha", params, layout, resume=False)
+    pkg = load_file(layout.expert("alpha") / PACKAGE_TENSORS)
+    start = read_router_row(layout.router_embedding("alpha"), params.model.hidden_size)
+    assert not torch.equal(pkg["layers.0.router"], start)
+    assert json.loads((layout.expert("alpha") / "expert.json").read_text())["router"] == "trained"

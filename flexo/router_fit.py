@@ -1,0 +1,139 @@
+"""Domain-informed routers as classifiers of the router's own input (the lever that closed the gap, #9).
+
+A router row's logit is `r · h`, where `h` is the hidden state the router sees. Trained by the LM loss
+alone, an owner's row learns "my expert is better here" — and at our scale an expert trained on extra
+text is better almost everywhere, so every owner's row wins on every kind of text and the merged model
+sends code to the math expert (measured: results/ablation.md). Here the rows are fitted as classifiers
+of `h` instead, in two places that each keep the data where it is:
+
+- **Owner side, before expert training** (`domain_classifier`): the owner fits a logistic regression
+  "own text vs public text" on the public model's router inputs, layer by layer, and uses
+  `r_pub + w` as its router row, frozen while the expert trains. Reads: its own text, public text,
+  the public model. The expert then learns under the routing it will get.
+- **Owner side, after expert training** (`feature_stats`): the owner ships the mean and covariance of
+  its own model's router inputs on its own text (per layer: d + d² numbers summarising thousands of
+  tokens; never text or token ids).
+- **Centre** (`fit_router`): a multinomial logistic regression over all experts, fitted on Gaussian
+  samples drawn from those statistics (and from the public model's statistics on public text), with
+  r_pub fixed as the reference row. The routers are linear and bias-free, as in the stock model.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from flexo.errors import FlexoError
+
+ROUTER_SUFFIX = "mlp.gate.weight"
+
+
+def gates(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [layer.mlp.gate for layer in model.model.layers]
+
+
+@torch.no_grad()
+def router_inputs(model: torch.nn.Module, blocks: torch.Tensor, *, max_blocks: int, batch_size: int = 16
+                  ) -> list[torch.Tensor]:
+    """Every layer's router input (fp32, one row per token) for the first `max_blocks` blocks."""
+    captured: list[list[torch.Tensor]] = [[] for _ in gates(model)]
+    hooks = [g.register_forward_hook(lambda m, inp, out, i=i: captured[i].append(inp[0].reshape(-1, inp[0].shape[-1]).float()))
+             for i, g in enumerate(gates(model))]
+    model.eval()
+    try:
+        for i in range(0, min(max_blocks, len(blocks)), batch_size):
+            model(input_ids=blocks[i: min(i + batch_size, max_blocks)])
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(c) for c in captured]
+
+
+def _feature_scale(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    # L2 is applied to w scaled by the features' spread, so one l2 value suits every layer's norm.
+    return torch.cat(list(features)).std(0).mean()
+
+
+def domain_classifier(own: list[torch.Tensor], public: list[torch.Tensor], *, l2: float, steps: int, lr: float
+                      ) -> tuple[list[torch.Tensor], list[dict]]:
+    """Per layer: w with sigmoid(w·h) ≈ P(own text | h), classes weighted equally, no intercept."""
+    weights, figures = [], []
+    for own_h, pub_h in zip(own, public):
+        x = torch.cat([own_h, pub_h])
+        y = torch.cat([torch.ones(len(own_h)), torch.zeros(len(pub_h))])
+        sample_w = torch.where(y == 1, 0.5 / len(own_h), 0.5 / len(pub_h))
+        scale = _feature_scale([own_h, pub_h])
+        w = torch.zeros(x.shape[1], requires_grad=True)
+        opt = torch.optim.Adam([w], lr=lr)
+        for _ in range(steps):
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y, reduction="none")
+            loss = (bce * sample_w).sum() + l2 * (w * scale).pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            pred = (x @ w > 0).float()
+            figures.append({"loss": round(float(loss.detach()), 4),
+                            "own_recall": round(float(pred[: len(own_h)].mean()), 4),
+                            "public_recall": round(float(1 - pred[len(own_h):].mean()), 4),
+                            "norm": round(float(w.norm()), 4)})
+        weights.append(w.detach())
+    return weights, figures
+
+
+def feature_stats(features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean and covariance (fp64 accumulated, stored fp32) of each layer's router inputs, plus the count."""
+    out = {}
+    for i, h in enumerate(features):
+        h64 = h.double()
+        out[f"layers.{i}.mean"] = h64.mean(0).float().contiguous()
+        out[f"layers.{i}.cov"] = torch.cov(h64.T).float().contiguous()
+    out["tokens"] = torch.tensor([len(features[0])], dtype=torch.long)
+    return out
+
+
+def check_stats(stats: dict[str, torch.Tensor], num_layers: int, hidden: int, what: str) -> None:
+    for i in range(num_layers):
+        mean, cov = stats.get(f"layers.{i}.mean"), stats.get(f"layers.{i}.cov")
+        if mean is None or cov is None or mean.shape != (hidden,) or cov.shape != (hidden, hidden):
+            raise FlexoError(f"{what} has no layer-{i} statistics of width {hidden}: rerun its stage")
+        if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
+            raise FlexoError(f"{what} holds NaN or Inf: rerun its stage")
+
+
+def gaussian_samples(mean: torch.Tensor, cov: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    d = mean.numel()
+    cov = cov.double() + 1e-4 * torch.eye(d, dtype=torch.float64) * cov.diagonal().mean().clamp_min(1e-6)
+    chol = torch.linalg.cholesky(cov)
+    z = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    return (mean.double() + z @ chol.T).float()
+
+
+def fit_router(stats: list[dict[str, torch.Tensor]], num_layers: int, *, samples: int, l2: float, steps: int,
+               lr: float, seed: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """Per layer: W [C-1, d] of a multinomial logistic regression over C classes (class 0 = public, whose
+    logit is the reference, W_0 = 0), fitted on `samples` Gaussian draws per class, classes weighted
+    equally. Router row of expert c = r_pub + W[c-1]."""
+    g = torch.Generator().manual_seed(seed)
+    rows, figures = [], []
+    for layer in range(num_layers):
+        xs = [gaussian_samples(s[f"layers.{layer}.mean"], s[f"layers.{layer}.cov"], samples, g) for s in stats]
+        scale = _feature_scale(xs)
+        w = torch.zeros(len(xs) - 1, xs[0].shape[1], requires_grad=True)
+        opt = torch.optim.Adam([w], lr=lr)
+        labels = [torch.full((len(x),), c) for c, x in enumerate(xs)]
+        for _ in range(steps):
+            loss = l2 * (w * scale).pow(2).sum()
+            for x, y in zip(xs, labels):
+                logits = torch.cat([torch.zeros(len(x), 1), x @ w.T], 1)
+                loss = loss + torch.nn.functional.cross_entropy(logits, y) / len(xs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            recall = [float((torch.cat([torch.zeros(len(x), 1), x @ w.T], 1).argmax(-1) == c).float().mean())
+                      for c, x in enumerate(xs)]
+        figures.append({"loss": round(float(loss.detach()), 4), "sample_recall": [round(r, 4) for r in recall]})
+        rows.append(w.detach())
+    return rows, figures
