@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HOME := $(CURDIR)/.cache/hf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-all dvc-init table clean-outputs
+.PHONY: install demo test test-all dvc-init table clean-outputs bench ablation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,9 +38,22 @@ dvc-init: install
 	dvc config core.check_update false
 	dvc config --local core.site_cache_dir $(CURDIR)/.cache/dvc-site
 
+# REPRO_FLAGS=-f reruns every stage (a from-scratch timing for `make bench`).
 demo: dvc-init
-	dvc repro
+	@mkdir -p .cache && date +%s > .cache/demo.started
+	dvc repro $(REPRO_FLAGS)
+	@echo "{\"started\": $$(cat .cache/demo.started), \"finished\": $$(date +%s)}" > .cache/demo_wall.json
 	@cat results/table.md 2>/dev/null || true
+
+# Speed and memory, side by side with the plain baseline of each step (bench/run.py; ~6 min on 2 cores).
+# BENCH_BEFORE: the commit whose merge is timed as "before" (the one before the streaming merge).
+BENCH_BEFORE ?= 1dbca68
+bench: install
+	$(BIN)/python bench/run.py --before $(BENCH_BEFORE)
+
+# The routing ablation of results/ablation.md (~40 min; needs `make demo` first for the public model).
+ablation: install
+	$(BIN)/python bench/ablation.py
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"

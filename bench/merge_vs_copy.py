@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/flexo-merge-bench"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--shard-bytes", type=int, default=None, help="merge.shard_bytes for this run")
+    ap.add_argument("--before-root", type=Path, default=None,
+                    help="a checkout of an older flexo: its merge is timed too, on the same inputs")
     a = ap.parse_args()
     shutil.rmtree(a.out, ignore_errors=True)
     a.out.mkdir(parents=True)
@@ -74,23 +76,38 @@ def main() -> None:
     largest = max(p.stat().st_size for p in inputs)
     print(f"built {len(inputs)} input files, {total / 1e9:.2f} GB, in {time.time() - t:.0f}s", flush=True)
 
-    flexo = [sys.executable, "-m", "flexo.cli"]
-    if a.shard_bytes:
-        import yaml
+    def timed_merge(code_root: Path | None) -> tuple[float, int, dict]:
+        """Wall seconds and peak RSS of one `flexo merge` process (the code at `code_root`, default ours)."""
+        flexo = [sys.executable, "-m", "flexo.cli"]
+        env = {**os.environ, "FLEXO_THREADS": "2"}
+        if code_root:
+            env["PYTHONPATH"] = str(code_root)
+            flexo += ["--root", str(code_root)]
+        if a.shard_bytes:
+            import yaml
 
-        params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-        params["merge"]["shard_bytes"] = a.shard_bytes
-        (a.out / "params.yaml").write_text(yaml.safe_dump(params))
-        flexo += ["--params", str(a.out / "params.yaml")]
-    cmd = ["/usr/bin/time", "-f", "%e %M", *flexo, "merge", "--public", str(public), "--expert",
-           *map(str, experts), "--top-k", "2", "--out", str(a.out / "merged")]
-    subprocess.run(["sync"])
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FLEXO_THREADS": "2"})
-    if r.returncode:
-        raise SystemExit(r.stderr[-2000:])
-    wall, rss_kb = r.stderr.strip().splitlines()[-1].split()
-    merge_s, merge_rss = float(wall), int(rss_kb) * 1024
-    meta = json.loads((a.out / "merged" / "flexo.json").read_text())
+            params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+            params["merge"]["shard_bytes"] = a.shard_bytes
+            (a.out / "params.yaml").write_text(yaml.safe_dump(params))
+            flexo += ["--params", str(a.out / "params.yaml")]
+        shutil.rmtree(a.out / "merged", ignore_errors=True)
+        cmd = ["/usr/bin/time", "-f", "%e %M", *flexo, "merge", "--public", str(public), "--expert",
+               *map(str, experts), "--top-k", "2", "--out", str(a.out / "merged")]
+        subprocess.run(["sync"])
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode:
+            raise SystemExit(r.stderr[-2000:])
+        wall, rss_kb = r.stderr.strip().splitlines()[-1].split()
+        return float(wall), int(rss_kb) * 1024, json.loads((a.out / "merged" / "flexo.json").read_text())
+
+    before = None
+    if a.before_root:
+        b_s, b_rss, _ = timed_merge(a.before_root)
+        before = {"merge_s": b_s, "merge_peak_rss_bytes": b_rss, "code": str(a.before_root)}
+        print(f"before: merge {b_s:.1f}s, peak RSS {b_rss / 1e9:.2f} GB", flush=True)
+    merge_s, merge_rss, meta = timed_merge(None)
+    print(f"after: merge {merge_s:.1f}s, peak RSS {merge_rss / 1e9:.2f} GB", flush=True)
+    flexo = [sys.executable, "-m", "flexo.cli"]
     baseline = subprocess.run([*flexo, "--help"], capture_output=True)  # warm imports for the baseline RSS
     base = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, "-c",
                            "import torch, transformers, safetensors, flexo.modeling"], capture_output=True, text=True)
@@ -112,6 +129,10 @@ def main() -> None:
         "merge_rss_above_imports_over_largest_input": round((merge_rss - base_rss) / largest, 3),
         "shards": meta.get("shards"), "shard_bytes": a.shard_bytes or "params.yaml",
     }
+    if before:
+        before["merge_vs_copy"] = round(cp_s / before["merge_s"], 3)
+        before["merge_peak_rss_over_largest_input"] = round(before["merge_peak_rss_bytes"] / largest, 3)
+        figures["before"] = before
     print(json.dumps(figures, indent=2))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

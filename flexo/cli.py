@@ -14,7 +14,10 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+
+STARTED = time.time()  # this process's start (before the stage's heavy imports), for .cache/timings.jsonl
 
 # Offline and quiet by default: nothing is fetched from a model or dataset hub at run time.
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -131,9 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flexo: interrupted", file=sys.stderr)
         return 130
+    _record_timing(args)
     if result is not None and not getattr(args, "quiet", False):
         print(json.dumps(result, indent=2, default=str) if not isinstance(result, str) else result)
     return 0
+
+
+def _record_timing(args) -> None:
+    """One line per successful command in ROOT/.cache/timings.jsonl: where a `make demo` spends its time
+    (whole process, imports included), read by bench/report.py. Best effort: never fails the command."""
+    stage = args.command + (f"@{args.owner}" if getattr(args, "owner", None) else "")
+    line = {"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+            "wall_s": round(time.time() - STARTED, 2)}
+    try:
+        path = Path(args.root) / ".cache" / "timings.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -6,14 +6,15 @@ Shared weights (embeddings, attention, norms, LM head), FFN 0 and the router row
 public model; owner i (in the order given, = params.yaml `owners`) contributes FFN i and router row i of
 every layer. No training, no data: the merge reads only the public model folder and the packages.
 
-Everything is checked before a byte is written (public fingerprint of every package, package hashes,
-shapes, dtypes, duplicate owners, NaN/Inf, top-k, exclusions), each failure a one-line FlexoError.
-The weights are then **streamed**: tensors are read one at a time with `safe_open` (the file opened for
-each read, so no mapping keeps pages resident), and written shard by shard with `save_file` as a shard
-fills, so memory stays on the order of one layer plus one shard (`merge.shard_bytes`; `save_file`
-serialises a shard into a second buffer while writing it) — never the whole state dict. Measured on a
-438 MB merge with 60 MB shards: peak RSS 129 MB above the interpreter's. The output is written into a temp
-folder and renamed at the end, so a failed merge leaves no output folder.
+The manifests, shapes, dtypes, duplicate owners, top-k and exclusions are checked before a byte is
+written, each failure a one-line FlexoError. The weights are then **streamed** in one pass: every
+shard's safetensors header is computed from the tensors' shapes alone, then each tensor is read
+(`safe_open`, the file opened per read so no mapping keeps pages resident), checked for NaN/Inf and
+appended to the shard file, so memory holds one tensor at a time (one router stack at most) — never a
+shard or the state dict. The byte-level checks (each package's sha256, the public model's fingerprint)
+run in a second thread at the same time, and the output — written into a temp folder — is renamed into
+place only when every check has passed, so a failed merge still leaves no output folder. Before this
+(bench/report: save_file per shard, checks as separate passes) the merge read every package three times.
 
 The output is a stock transformers folder (`AutoModelForCausalLM.from_pretrained`, no custom code):
 config.json, `model.safetensors` or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`
@@ -27,14 +28,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
+import struct
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import FlexOlmoConfig
 
 from flexo.errors import FlexoError
@@ -76,6 +81,30 @@ def read_tensor(path: Path, key: str, row: int | None = None) -> torch.Tensor:
         if row is None:
             return handle.get_tensor(key)
         return handle.get_slice(key)[row : row + 1][0]
+
+
+# safetensors dtype names and sizes (the format's own spelling: github.com/huggingface/safetensors).
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+TORCH_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to write, known by name, shape and dtype before its bytes are read (`load` reads them).
+    `origin` and `fix` phrase a NaN/Inf error in terms of where the tensor came from."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    load: Callable[[], torch.Tensor]
+    origin: str = ""
+    fix: str = "retrain or re-export the model it comes from"
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
 class WeightReader:
@@ -144,18 +173,27 @@ class WeightReader:
         self._file(key)
         return self.meta[key][1]
 
-    def expert_ffn(self, layer: int, expert: int, inter: int) -> Iterator[tuple[str, torch.Tensor]]:
-        """Expert `expert`'s (part, tensor) for gate/up/down of one layer, per-expert or fused form."""
+    def spec(self, key: str, name: str | None = None) -> TensorSpec:
+        """`key` of this folder, to be written as `name` (default the same)."""
+        return TensorSpec(name or key, self.shape(key), self.dtype(key), partial(self.get, key))
+
+    def expert_ffn(self, layer: int, expert: int, inter: int, out_prefix: str) -> Iterator[TensorSpec]:
+        """Expert `expert`'s gate/up/down of one layer (per-expert or fused form) as `{out_prefix}{part}.weight`."""
         p = f"model.layers.{layer}.mlp.experts."
         if f"{p}{expert}.gate_proj.weight" in self:
             for part in FFN_PARTS:
-                yield part, self.get(f"{p}{expert}.{part}.weight")
+                yield self.spec(f"{p}{expert}.{part}.weight", f"{out_prefix}{part}.weight")
         else:  # the fused in-memory form [E, 2I, H] (gate rows first, then up) / [E, H, I]
-            gate_up = self.get_row(f"{p}gate_up_proj", expert)
-            yield "gate_proj", gate_up[:inter].contiguous()
-            yield "up_proj", gate_up[inter:].contiguous()
-            del gate_up
-            yield "down_proj", self.get_row(f"{p}down_proj", expert)
+            _, two_inter, hidden = self.shape(f"{p}gate_up_proj")
+            dtype = self.dtype(f"{p}gate_up_proj")
+            gate_up = partial(self.get_row, f"{p}gate_up_proj", expert)
+            yield TensorSpec(f"{out_prefix}gate_proj.weight", (inter, hidden), dtype,
+                             lambda: gate_up()[:inter].contiguous())
+            yield TensorSpec(f"{out_prefix}up_proj.weight", (two_inter - inter, hidden), dtype,
+                             lambda: gate_up()[inter:].contiguous())
+            down = self.shape(f"{p}down_proj")
+            yield TensorSpec(f"{out_prefix}down_proj.weight", tuple(down[1:]), self.dtype(f"{p}down_proj"),
+                             partial(self.get_row, f"{p}down_proj", expert))
 
 
 def _first_line(e: BaseException) -> str:
@@ -184,49 +222,69 @@ def shared_keys(reader: WeightReader) -> tuple[list[str], dict[int, list[str]], 
 
 # ------------------------------------------------------------------------------------ writing weights
 class ShardWriter:
-    """Collects tensors in write order and saves a shard with `save_file` whenever the next tensor would
-    push it past `max_bytes` (a tensor larger than `max_bytes` gets a shard of its own). Holds at most one
-    shard's tensors. `close` names the shards as transformers does: a single `model.safetensors`, or
-    `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`.
-
-    Every tensor is checked for NaN/Inf on the way in (a FlexoError naming it)."""
+    """Writes tensors, given as `TensorSpec`s, into safetensors shards of at most `max_bytes` (a tensor
+    larger than that gets a shard of its own), streaming: a shard's header is computed from the specs,
+    then each tensor is loaded, checked for NaN/Inf (a FlexoError naming where it came from) and appended,
+    so one tensor is in memory at a time. (safetensors' own `save_file` needs the whole shard in memory.)
+    `close` names the shards as transformers does: a single `model.safetensors`, or
+    `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`."""
 
     def __init__(self, folder: Path, max_bytes: int, *, what: str = "merge"):
         self.folder = Path(folder)
         self.max_bytes = max(1, int(max_bytes))
         self.what = what
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self._pending: list[TensorSpec] = []
+        self._pending_bytes = 0
         self._parts: list[tuple[Path, list[str]]] = []
         self._seen: set[str] = set()
         self.total_bytes = 0
         self.total_params = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._seen:
-            raise RuntimeError(f"{name} written twice")  # a bug in the caller, not user input
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise FlexoError(f"{self.what}: tensor {name} holds NaN or Inf: retrain or re-export the model it comes from")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_bytes:
+    def add(self, spec: TensorSpec) -> None:
+        if spec.name in self._seen:
+            raise RuntimeError(f"{spec.name} written twice")  # a bug in the caller, not user input
+        if self._pending and self._pending_bytes + spec.nbytes > self.max_bytes:
             self.flush()
-        self._seen.add(name)
-        self._buffer[name] = tensor.contiguous()
-        self._buffer_bytes += nbytes
-        self.total_bytes += nbytes
-        self.total_params += tensor.numel()
+        self._seen.add(spec.name)
+        self._pending.append(spec)
+        self._pending_bytes += spec.nbytes
+        self.total_bytes += spec.nbytes
+        self.total_params += math.prod(spec.shape)
 
-    def add_all(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for name, tensor in tensors:
-            self.add(name, tensor)
+    def add_all(self, specs: Iterable[TensorSpec]) -> None:
+        for spec in specs:
+            self.add(spec)
+
+    def _checked(self, spec: TensorSpec) -> torch.Tensor:
+        t = spec.load()
+        if TORCH_DTYPES.get(t.dtype) != spec.dtype or tuple(t.shape) != tuple(spec.shape):
+            raise RuntimeError(f"{spec.name}: read {t.dtype} {tuple(t.shape)}, planned {spec.dtype} {spec.shape}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            where = spec.origin or f"{self.what}: tensor {spec.name}"
+            raise FlexoError(f"{where} holds NaN or Inf: {spec.fix}")
+        return t.contiguous()
 
     def flush(self) -> None:
-        if not self._buffer:
+        if not self._pending:
             return
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for spec in self._pending:
+            header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
+                                 "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
         path = self.folder / f".shard-{len(self._parts) + 1:05d}.partial"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
-        self._parts.append((path, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(head)))
+            f.write(head)
+            for spec in self._pending:
+                t = self._checked(spec)
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                del t
+        self._parts.append((path, [spec.name for spec in self._pending]))
+        self._pending, self._pending_bytes = [], 0
 
     def close(self) -> dict:
         self.flush()
@@ -338,7 +396,8 @@ def write_model_card(folder: Path, meta: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- the checks
-def _check_public(public: Path) -> tuple[FlexOlmoConfig, dict]:
+def _check_public(public: Path, *, verify: bool = True) -> tuple[FlexOlmoConfig, dict]:
+    """Config and manifest of the public model; `verify` also recomputes its fingerprint (a full read)."""
     public = Path(public)
     if not (public / "config.json").is_file():
         raise FlexoError(f"public model {public} not found (no config.json): run `flexo train-public` first")
@@ -352,6 +411,12 @@ def _check_public(public: Path) -> tuple[FlexOlmoConfig, dict]:
                          f"{config.num_experts} experts): pass the public model folder with --public")
     if not meta.get("fingerprint"):
         raise FlexoError(f"public model {public}: flexo.json has no fingerprint: rerun `flexo train-public`")
+    if verify:
+        _verify_public(public, meta)
+    return config, meta
+
+
+def _verify_public(public: Path, meta: dict) -> None:
     try:
         actual = fingerprint(public)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -360,7 +425,6 @@ def _check_public(public: Path) -> tuple[FlexOlmoConfig, dict]:
         raise FlexoError(f"public model {public}: the weights' fingerprint {actual[:12]}… differs from flexo.json's "
                          f"{meta['fingerprint'][:12]}…: the public model changed after it was written; rerun "
                          "`flexo train-public`")
-    return config, meta
 
 
 def _read_package(folder: Path) -> dict:
@@ -375,10 +439,15 @@ def _read_package(folder: Path) -> dict:
     return meta
 
 
+def _package_where(folder: Path, meta: dict) -> str:
+    return f"expert package {folder} (owner {meta['owner']})"
+
+
 def _check_package(folder: Path, meta: dict, config: FlexOlmoConfig, public_fp: str, dtype: str) -> None:
-    """Fingerprint, hash, keys, shapes, dtypes and finiteness of one package (tensors read one at a time)."""
+    """Fingerprint, keys, shapes and dtypes of one package, from its manifest and header (no tensor read;
+    the sha256 is `_verify_package`, NaN/Inf is checked as each tensor is merged)."""
     owner = meta["owner"]
-    where = f"expert package {folder} (owner {owner})"
+    where = _package_where(folder, meta)
     if meta["public_fingerprint"] != public_fp:
         raise FlexoError(f"{where} was trained against public model fingerprint {str(meta['public_fingerprint'])[:12]}…, "
                          f"but this public model's fingerprint is {public_fp[:12]}…: retrain it with "
@@ -393,10 +462,6 @@ def _check_package(folder: Path, meta: dict, config: FlexOlmoConfig, public_fp: 
         raise FlexoError(f"{where}: {PACKAGE_TENSORS} is missing: copy the whole package or retrain it")
     if not meta.get("tensors_sha256"):
         raise FlexoError(f"{where}: {PACKAGE_META} has no tensors_sha256: re-export it with `flexo train-expert`")
-    actual = sha256_file(path)
-    if actual != meta["tensors_sha256"]:
-        raise FlexoError(f"{where}: {PACKAGE_TENSORS} hashes to {actual[:12]}… but {PACKAGE_META} says "
-                         f"{meta['tensors_sha256'][:12]}… (corrupt or truncated copy): fetch the package again")
     shapes = package_shapes(*want)
     try:
         with safe_open(str(path), framework="pt") as st:
@@ -409,36 +474,53 @@ def _check_package(folder: Path, meta: dict, config: FlexOlmoConfig, public_fp: 
             if found[key] != (shape, dtype):
                 raise FlexoError(f"{where}: {key} is {found[key][1]} {found[key][0]}, the public model needs "
                                  f"{dtype} {shape}: retrain it against this public model")
-        for key in shapes:  # one tensor in memory at a time
-            if not torch.isfinite(read_tensor(path, key)).all():
-                raise FlexoError(f"{where}: tensor {key} holds NaN or Inf: retrain it")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        _verify_package(folder, meta)  # a corrupt copy explains an unreadable header best
         raise FlexoError(f"{where}: {PACKAGE_TENSORS} is unreadable ({_first_line(e)}): fetch or retrain it") from None
 
 
+def _verify_package(folder: Path, meta: dict) -> None:
+    actual = sha256_file(folder / PACKAGE_TENSORS)
+    if actual != meta["tensors_sha256"]:
+        raise FlexoError(f"{_package_where(folder, meta)}: {PACKAGE_TENSORS} hashes to {actual[:12]}… but "
+                         f"{PACKAGE_META} says {meta['tensors_sha256'][:12]}… (corrupt or truncated copy): "
+                         "fetch the package again")
+
+
 # ------------------------------------------------------------------------------------------ the merge
-def _merged_tensors(pub: WeightReader, packages: list[Path], config: FlexOlmoConfig
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The merged model's tensors in write order, produced one at a time (layer after layer)."""
+def _merged_specs(pub: WeightReader, packages: list[tuple[Path, str]], config: FlexOlmoConfig, dtype: str
+                  ) -> Iterator[TensorSpec]:
+    """The merged model's tensors in write order (layer after layer); `packages`: (tensor file, where)."""
     head, per_layer, tail = shared_keys(pub)
     for key in head:
-        yield key, pub.get(key)
-    inter = config.intermediate_size
+        yield pub.spec(key)
+    inter, hidden = config.intermediate_size, config.hidden_size
+    shapes = package_shapes(config.num_hidden_layers, hidden, inter)
     for i in range(config.num_hidden_layers):
         for key in per_layer.get(i, []):
-            yield key, pub.get(key)
+            yield pub.spec(key)
         p = f"model.layers.{i}.mlp."
-        for part, t in pub.expert_ffn(i, 0, inter):
-            yield f"{p}experts.0.{part}.weight", t
-        for e, path in enumerate(packages, start=1):
+        yield from pub.expert_ffn(i, 0, inter, f"{p}experts.0.")
+        for e, (path, where) in enumerate(packages, start=1):
             for part in FFN_PARTS:
-                yield f"{p}experts.{e}.{part}.weight", read_tensor(path, f"layers.{i}.{part}")
-        # Router: row 0 = r_pub from the public model, row e = owner e's row, bit for bit.
-        rows = [pub.get_row(f"{p}gate.weight", 0)] + [read_tensor(path, f"layers.{i}.router") for path in packages]
-        yield f"{p}gate.weight", torch.stack(rows)
-        del rows
+                key = f"layers.{i}.{part}"
+                yield TensorSpec(f"{p}experts.{e}.{part}.weight", shapes[key], dtype, partial(read_tensor, path, key),
+                                 origin=f"{where}: tensor {key}", fix="retrain it")
+        yield TensorSpec(f"{p}gate.weight", (1 + len(packages), hidden), dtype,
+                         partial(_router_stack, pub, f"{p}gate.weight", packages, i))
     for key in tail:
-        yield key, pub.get(key)
+        yield pub.spec(key)
+
+
+def _router_stack(pub: WeightReader, key: str, packages: list[tuple[Path, str]], layer: int) -> torch.Tensor:
+    """Row 0 = r_pub from the public model, row e = owner e's row, bit for bit."""
+    rows = [pub.get_row(key, 0)]
+    for path, where in packages:
+        row = read_tensor(path, f"layers.{layer}.router")
+        if not torch.isfinite(row).all():
+            raise FlexoError(f"{where}: tensor layers.{layer}.router holds NaN or Inf: retrain it")
+        rows.append(row)
+    return torch.stack(rows)
 
 
 def merge(params: Params, layout: Layout, *, public: Path | None = None, experts: list[Path] | None = None,
@@ -472,24 +554,33 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
         raise FlexoError(f"top-k {top_k} is out of range: the merged model has {n_experts} experts "
                          f"(public + {len(kept)} owners); pass --top-k (or set merge.top_k) between 1 and {n_experts}")
 
-    # 2. The public model: config, fingerprint (recomputed from the weights), dtype.
-    config, public_meta = _check_public(public)
+    # 2. The public model: config, manifest, dtype (its fingerprint is recomputed in step 4).
+    config, public_meta = _check_public(public, verify=False)
     public_fp = public_meta["fingerprint"]
     with WeightReader(public, "public model") as pub:
         dtype = pub.dtype("model.layers.0.mlp.gate.weight")
 
-    # 3. Every kept package: fingerprint, hash, names, shapes, dtypes, NaN/Inf (an excluded one is not read).
+    # 3. Every kept package: fingerprint, names, shapes, dtypes from its header (an excluded one is not read).
     for meta, folder in kept:
         _check_package(folder, meta, config, public_fp, dtype)
     merged_config = with_experts(config, n_experts, top_k)
 
-    # 4. Stream the weights into a temp folder; it becomes `out` only when everything is written.
+    # 4. Stream the weights into a temp folder (NaN/Inf checked per tensor) while a second thread hashes
+    #    the inputs; the folder becomes `out` only when both are done and every check passed.
     owners = [m["owner"] for m, _ in kept]
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-verify") as pool:
+        checks = [pool.submit(_verify_public, public, public_meta)]
+        checks += [pool.submit(_verify_package, folder, meta) for meta, folder in kept]
         writer = ShardWriter(tmp, params.merge.shard_bytes, what="merge")
-        with WeightReader(public, "public model") as pub:
-            writer.add_all(_merged_tensors(pub, [f / PACKAGE_TENSORS for _, f in kept], config))
-        written = writer.close()
+        try:
+            with WeightReader(public, "public model") as pub:
+                packages = [(f / PACKAGE_TENSORS, _package_where(f, m)) for m, f in kept]
+                writer.add_all(_merged_specs(pub, packages, config, dtype))
+            written = writer.close()
+        except (FlexoError, SafetensorError, OSError, ValueError, RuntimeError):
+            _raise_first_failed(checks)  # a corrupt input explains a failed read better than the read does
+            raise
+        _raise_first_failed(checks)
         write_config(merged_config, tmp)
         copy_support_files(public, tmp)
         meta = {
@@ -512,6 +603,11 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
         write_model_card(tmp, meta)
     log.info("merged %d experts (top-%d) into %s in %.1fs", n_experts, top_k, out, time.time() - started)
     return meta
+
+
+def _raise_first_failed(checks: list[Future]) -> None:
+    for check in checks:
+        check.result()  # re-raises the check's FlexoError
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -30,28 +30,29 @@ from flexo.fsutil import atomic_dir
 from flexo.modeling import read_meta, with_experts, write_meta
 from flexo.params import PUBLIC
 from stages.merge import (
-    ShardWriter, WeightReader, copy_support_files, shared_keys, write_config, write_model_card,
+    ShardWriter, TensorSpec, WeightReader, copy_support_files, shared_keys, write_config, write_model_card,
 )
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 2_000_000_000
 
 
-def _opted_tensors(src: WeightReader, keep: list[int], config: FlexOlmoConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """The opted-out model's tensors in write order, one at a time: kept experts renumbered 0..n-1."""
+def _opted_tensors(src: WeightReader, keep: list[int], config: FlexOlmoConfig) -> Iterator[TensorSpec]:
+    """The opted-out model's tensors in write order: kept experts renumbered 0..n-1."""
     head, per_layer, tail = shared_keys(src)
     for key in head:
-        yield key, src.get(key)
+        yield src.spec(key)
     for i in range(config.num_hidden_layers):
         for key in per_layer.get(i, []):
-            yield key, src.get(key)
+            yield src.spec(key)
         p = f"model.layers.{i}.mlp."
         for new, old in enumerate(keep):
-            for part, t in src.expert_ffn(i, old, config.intermediate_size):
-                yield f"{p}experts.{new}.{part}.weight", t
-        yield f"{p}gate.weight", torch.stack([src.get_row(f"{p}gate.weight", old) for old in keep])
+            yield from src.expert_ffn(i, old, config.intermediate_size, f"{p}experts.{new}.")
+        gate = f"{p}gate.weight"
+        yield TensorSpec(gate, (len(keep), config.hidden_size), src.dtype(gate),
+                         lambda gate=gate: torch.stack([src.get_row(gate, old) for old in keep]))
     for key in tail:
-        yield key, src.get(key)
+        yield src.spec(key)
 
 
 def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:

@@ -180,9 +180,6 @@ def test_merge_streams_one_layer_at_a_time(ctx, tmp_path, monkeypatch):
 
     real_open = merge_mod.safe_open
     monkeypatch.setattr(merge_mod, "safe_open", lambda *a, **k: Handle(real_open(*a, **k)))
-    saves = []
-    real_save = merge_mod.save_file
-    monkeypatch.setattr(merge_mod, "save_file", lambda d, *a, **k: (saves.append(len(d)), real_save(d, *a, **k))[1])
 
     with WeightReader(layout.public_model, "public") as pub:
         shared = sum(pub.get(k).nbytes for k in pub.keys() if k.startswith("model.layers.0."))
@@ -193,9 +190,10 @@ def test_merge_streams_one_layer_at_a_time(ctx, tmp_path, monkeypatch):
     small.merge.shard_bytes = layer_bytes
     live.update(bytes=0, peak=0)
     merge(small, layout, out=tmp_path / "streamed")
-    assert len(saves) >= 3, "shards must be written as they fill"
-    assert live["peak"] <= small.merge.shard_bytes + layer_bytes, (live, layer_bytes)
-    assert live["peak"] < total * 0.75, (live, total)
+    assert len(list((tmp_path / "streamed").glob("model-*-of-*.safetensors"))) >= 3, "one shard per layer"
+    # Streamed tensor by tensor: never a whole shard (= one layer here) in memory, let alone the model.
+    assert live["peak"] < layer_bytes, (live, layer_bytes)
+    assert live["peak"] < total * 0.25, (live, total)
 
 
 # ------------------------------------------------------------------------------------------ bad input
