@@ -35,9 +35,9 @@ RUN_CLI = "import sys, time\nimport flexo.cli\n{patch}\nfrom flexo.cli import ma
 SLOW_STEPS = ("import flexo.training as T\n_lr = T.lr_at\n"
               "T.lr_at = lambda *a: (time.sleep(0.25), _lr(*a))[1]")
 # Hang (until killed) right after the merge writes its first shard into its temp folder.
-HANG_AFTER_FIRST_SHARD = ("import stages.merge as M\n_save = M.save_file\n"
-                          "def save(*a, **k):\n    _save(*a, **k)\n    time.sleep(600)\n"
-                          "M.save_file = save")
+HANG_AFTER_FIRST_SHARD = ("import stages.merge as M\n_flush = M.ShardWriter.flush\n"
+                          "def flush(self):\n    _flush(self)\n    time.sleep(600)\n"
+                          "M.ShardWriter.flush = flush")
 # Hang (until killed) once curate has written the held-out split and train.jsonl into its temp folder.
 HANG_AFTER_TRAIN_SPLIT = ("import stages.curate as C\n_write = C._write_split\ncalls = []\n"
                           "def write(*a, **k):\n    _write(*a, **k)\n    calls.append(1)\n"
@@ -149,20 +149,20 @@ def test_merge_failing_half_way_in_process_leaves_nothing(tiny_project, tmp_path
     layout = project_copy(tiny_project, tmp_path)
     params = copy.deepcopy(load_params(layout.params))
     params.merge.shard_bytes = 100_000  # several shards (below the params.yaml minimum on purpose)
-    real, calls = merge_mod.save_file, []
+    real, calls = merge_mod.ShardWriter.flush, []
 
-    def save_then_fail(*a, **k):
+    def flush_then_fail(self):
         calls.append(1)
         if len(calls) == 2:
             raise OSError("No space left on device")
-        return real(*a, **k)
+        return real(self)
 
-    monkeypatch.setattr(merge_mod, "save_file", save_then_fail)
+    monkeypatch.setattr(merge_mod.ShardWriter, "flush", flush_then_fail)
     with pytest.raises(OSError, match="No space"):
         merge_mod.merge(params, layout)
     assert len(calls) == 2 and not layout.merged.exists()
     assert not temps(layout.merged.parent, "merged")  # an exception (unlike SIGKILL) cleans its temp up
-    monkeypatch.setattr(merge_mod, "save_file", real)
+    monkeypatch.setattr(merge_mod.ShardWriter, "flush", real)
     assert merge_mod.merge(params, layout)["shards"] >= 2
 
 
