@@ -148,7 +148,11 @@ def run(sets: list[str]) -> dict:
     set_threads()
     main = load_params(ROOT / "params.yaml")
     domains = [PUBLIC, *main.owners]
+    # Rows of sets not rerun now are kept from the last report (each set's rows come from one run).
+    previous = ROOT / "results" / "ablation.json"
     rows: list[dict] = []
+    if previous.is_file():
+        rows = [r for r in json.loads(previous.read_text()).get("rows", []) if r["set"] not in sets]
     report = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__}
     scorer = None

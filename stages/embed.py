@@ -88,7 +88,8 @@ def embed(name: str, params: Params, layout: Layout) -> dict:
     mean = vectors.mean(0)
     width = params.model.hidden_size
     projected = mean if mean.numel() == width else projection(e.seed, mean.numel(), width) @ mean
-    row = projected * (e.row_norm / projected.norm()) if e.row_norm > 0 else projected
+    # A copy when unscaled: safetensors refuses two names for one storage (router_row, embedder_mean).
+    row = projected * (e.row_norm / projected.norm()) if e.row_norm > 0 else projected.clone()
     meta = {
         "name": name,
         "embedder": e.embedder,

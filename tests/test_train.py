@@ -179,3 +179,17 @@ def test_trained_router_rows_start_from_the_embedding_and_move(project_copy):
     start = read_router_row(layout.router_embedding("alpha"), params.model.hidden_size)
     assert not torch.equal(pkg["layers.0.router"], start)
     assert json.loads((layout.expert("alpha") / "expert.json").read_text())["router"] == "trained"
+
+
+def test_unscaled_router_embedding_is_the_raw_embedder_mean(project_copy):
+    """embed.row_norm: 0 (the paper's recipe) writes the embedder mean itself as the router row."""
+    from stages.embed import embed
+
+    layout, params = project_copy
+    params.embed.row_norm = 0.0
+    params.model.hidden_size = 384  # the embedder's width: no projection (the demo's case)
+    meta = embed("alpha", params, layout)
+    tensors = load_file(layout.router_embedding("alpha"))
+    assert meta["projection"] is None
+    assert torch.equal(tensors["router_row"], tensors["embedder_mean"])
+    assert abs(float(tensors["router_row"].norm()) - meta["row_norm"]) < 1e-4 and meta["row_norm"] != 1.0
