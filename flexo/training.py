@@ -106,6 +106,7 @@ class TrainResult:
     wall_s: float
     tokens_per_s: float
     resumed_from: int = 0
+    step_tokens_per_s: float = 0.0  # the optimizer steps alone: periodic validation and checkpoints left out
     log: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -234,7 +235,7 @@ def train(
 
     model.train()
     seq = batches.blocks.shape[1]
-    started, tokens_run = time.time(), 0
+    started, tokens_run, aside_s = time.time(), 0, 0.0  # aside: validation and checkpoints
     train_losses: list[float] = []
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", mininterval=2.0)
     for step in range(start, total):
@@ -257,12 +258,16 @@ def train(
         bar.set_postfix(loss=f"{train_losses[-1]:.3f}")
         done = step + 1
         if done % tp.eval_every == 0 or done == total:
+            t_aside = time.time()
             row = {"step": done, "tokens": done * batches.batch_size * seq, "lr": lr,
                    "train_loss": sum(train_losses[-tp.eval_every:]) / len(train_losses[-tp.eval_every:]),
                    "val_loss": val_loss(model, val_blocks, tp)}
             history.append(row)
+            aside_s += time.time() - t_aside
         if done % tp.checkpoint_every == 0 and done < total:
+            t_aside = time.time()
             _save_checkpoint(ckpt_dir, key, done, named, opt, history)
+            aside_s += time.time() - t_aside
         if on_step:
             on_step(done)
     bar.close()
@@ -272,6 +277,7 @@ def train(
         steps=total, tokens=total * batches.batch_size * seq, train_loss=final["train_loss"],
         val_loss=final["val_loss"], initial_val_loss=initial_val, wall_s=round(wall, 1),
         tokens_per_s=round(tokens_run / wall, 1) if wall > 0 else 0.0, resumed_from=start, log=history,
+        step_tokens_per_s=round(tokens_run / (wall - aside_s), 1) if wall > aside_s else 0.0,
     )
 
 
