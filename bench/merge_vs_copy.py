@@ -3,7 +3,7 @@
     python bench/merge_vs_copy.py --experts 8 --layers 12 --hidden 1024 --intermediate 2816 --out /tmp/mb
 
 Builds a random public FlexOlmo (1 expert) and N expert packages of the same shapes (valid manifests,
-fingerprints and sha256), then times `flexo merge` (a subprocess, peak RSS from /usr/bin/time) and
+fingerprints and sha256), then times `flexo merge` (a subprocess, peak RSS from getrusage of a fresh wrapper process) and
 `cp` of the same input files, and prints/writes a JSON of the figures.
 """
 
@@ -21,6 +21,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+# Runs argv[1:] and prints its peak RSS (KiB, Linux) on stderr's last line: a fresh wrapper per command,
+# since RUSAGE_CHILDREN keeps the maximum over every child a process ever waited for.
+PEAK_RSS = ("import resource, subprocess, sys\n"
+            "r = subprocess.run(sys.argv[1:])\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+            "sys.exit(r.returncode)")
+
+
+def peak_rss_bytes(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, int]:
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS, *cmd], capture_output=True, text=True, **kw)
+    return r, int(r.stderr.strip().splitlines()[-1]) * 1024 if r.returncode == 0 else 0
 
 
 def build_inputs(root: Path, n: int, layers: int, hidden: int, inter: int) -> tuple[Path, list[Path]]:
@@ -91,17 +104,16 @@ def main() -> None:
             (a.out / "params.yaml").write_text(yaml.safe_dump(params))
             flexo += ["--params", str(a.out / "params.yaml")]
         shutil.rmtree(a.out / "merged", ignore_errors=True)
-        cmd = ["/usr/bin/time", "-f", "%e %M", *flexo, "merge", "--public", str(public), "--expert",
-               *map(str, experts), "--top-k", "2", "--out", str(a.out / "merged")]
+        cmd = [*flexo, "merge", "--public", str(public), "--expert", *map(str, experts), "--top-k", "2",
+               "--out", str(a.out / "merged")]
         subprocess.run(["sync"])
         t0 = time.time()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        r, rss = peak_rss_bytes(cmd, env=env)
         subprocess.run(["sync"])  # timed like cp below: until the bytes are on disk, not just in the page cache
         wall = time.time() - t0
         if r.returncode:
             raise SystemExit(r.stderr[-2000:])
-        rss_kb = r.stderr.strip().splitlines()[-1].split()[1]
-        return round(wall, 2), int(rss_kb) * 1024, json.loads((a.out / "merged" / "flexo.json").read_text())
+        return round(wall, 2), rss, json.loads((a.out / "merged" / "flexo.json").read_text())
 
     def best_of_two(code_root: Path | None) -> tuple[float, int, dict]:
         runs = [timed_merge(code_root) for _ in range(2)]
@@ -116,9 +128,7 @@ def main() -> None:
     print(f"after: merge {merge_s:.1f}s, peak RSS {merge_rss / 1e9:.2f} GB", flush=True)
     flexo = [sys.executable, "-m", "flexo.cli"]
     baseline = subprocess.run([*flexo, "--help"], capture_output=True)  # warm imports for the baseline RSS
-    base = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, "-c",
-                           "import torch, transformers, safetensors, flexo.modeling"], capture_output=True, text=True)
-    base_rss = int(base.stderr.strip().splitlines()[-1].split()[1]) * 1024
+    _, base_rss = peak_rss_bytes([sys.executable, "-c", "import torch, transformers, safetensors, flexo.modeling"])
     subprocess.run(["sync"])
     t = time.time()
     (a.out / "copy").mkdir()

@@ -1,4 +1,4 @@
-"""Domain-informed routers as classifiers of the router's own input (the lever that closed the gap, #9).
+"""Domain-informed routers as classifiers of the router's own input (the biggest lever of #9: docs/ablation.md).
 
 A router row's logit is `r · h`, where `h` is the hidden state the router sees. Trained by the LM loss
 alone, an owner's row learns "my expert is better here" — and at our scale an expert trained on extra

@@ -35,13 +35,13 @@ from flexo.fsutil import atomic_dir, read_json
 from flexo.layout import Layout
 from flexo.modeling import load_model, read_meta, write_meta
 from flexo.params import PUBLIC, Params, TrainParams
+from flexo.router_fit import ROUTER_SUFFIX
 from flexo.training import Batches, drop_checkpoint, pack, train, write_loss_log
 from stages.curate import read_split
 from stages.embed import embed_texts, load_embedder
 from stages.merge import copy_support_files, write_model_card
 
 log = logging.getLogger(__name__)
-ROUTER_SUFFIX = "mlp.gate.weight"
 
 
 def owner_domain_vector(layout: Layout, owner: str, embedder: str) -> torch.Tensor:

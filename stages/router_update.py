@@ -82,6 +82,9 @@ def router_update(owner: str, params: Params, layout: Layout) -> dict:
 
 def read_update(layout: Layout, owner: str, public_fp: str | None, num_layers: int, hidden: int) -> dict[str, torch.Tensor]:
     path = layout.router_update(owner)
+    if not path.with_suffix(".json").is_file():
+        raise FlexoError(f"no router statistics of {owner!r} ({path}): run `flexo router-update --owner {owner}` "
+                         "(the owner's side of router_tune.method: federated) first")
     info = read_json(path.with_suffix(".json"), what="router statistics manifest")
     if info.get("skipped"):
         raise FlexoError(f"the router statistics of {owner!r} were skipped (method {info.get('method')}): rerun "

@@ -7,8 +7,8 @@ every layer; top-2 of 2) and trains only expert 1's FFN — and r_owner too with
 trained` (the paper's recipe: r_owner starts from the owner's domain embedding). With `router: classifier`
 (the default) r_owner = r_pub + w per layer, where w is a logistic regression "own text vs public text"
 on the public model's router inputs (flexo/router_fit.py), frozen while the expert trains, so the
-expert learns under the routing it will get in the merge; results/ablation.md has the comparison. Embeddings, attention, norms and
-LM head are frozen (requires_grad=False); expert 0 and r_pub share fused tensors with the trainable
+expert learns under the routing it will get in the merge (docs/ablation.md has the comparison).
+Embeddings, attention, norms and LM head are frozen (requires_grad=False); expert 0 and r_pub share fused tensors with the trainable
 slice, so they are frozen by a gradient mask with weight decay 0 and stay bit-identical — checked
 before anything is written. Reads only this owner's data plus public artifacts (the public model,
 tokenizer, router rows and, for `public_mix`, public text).

@@ -131,3 +131,11 @@ def test_opt_out_of_a_federated_model_says_a_rerun_is_needed(project, tmp_path):
     router_tune(params, layout)
     out = opt_out(layout.merged_rt, ["beta"], tmp_path / "no-beta")
     assert out.get("rerun_needed") or "rerun" in str(read_meta(tmp_path / "no-beta"))
+
+
+def test_missing_statistics_name_the_owner_stage_to_run(project):
+    params, layout = project
+    router_update("alpha", params, layout)  # beta's statistics never computed
+    with pytest.raises(FlexoError, match="run `flexo router-update --owner beta`"):
+        router_tune(params, layout)
+    assert not layout.merged_rt.exists()
