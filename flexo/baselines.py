@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from lm_eval.api.model import TemplateLM
+from lm_eval.api.model import LM, TemplateLM
 from lm_eval.api.registry import register_model
 from safetensors.torch import load_file
 
@@ -192,6 +192,10 @@ class BTMLM(TemplateLM):
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_token_id
+        # Every member's own total log-likelihood of each document scored by `loglikelihood_rolling`:
+        # the ensemble needs each member's forward pass anyway, so `member_lm(name)` serves the member's
+        # own row of a results table from it instead of running the member a second time.
+        self.member_rolling: dict[str, dict[str, float]] = {n: {} for n in self.names}
 
     # -------------------------------------------------------------------------- tokenisation (as HFLM)
     @property
@@ -299,6 +303,8 @@ class BTMLM(TemplateLM):
                 for mi in range(len(self.models))
             ])
             first += len(ws)
+            for name, lp in zip(self.names, member_lp):
+                self.member_rolling[name][req.args[0]] = float(lp.sum())
             total = float(mixture_logprobs(member_lp).sum())
             out.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -306,6 +312,45 @@ class BTMLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         raise NotImplementedError("flexo-btm scores likelihoods only (perplexity and multiple-choice tasks)")
+
+    def member_lm(self, name: str) -> "MemberReplayLM":
+        """An lm-eval model that answers `loglikelihood_rolling` with member `name`'s own totals of the
+        documents this ensemble has scored (same windows as lm-eval's HF backend: equal bits-per-byte)."""
+        if name not in self.member_rolling:
+            raise FlexoError(f"flexo-btm has no member {name!r}: its members are {self.names}")
+        return MemberReplayLM(name, self.member_rolling[name])
+
+
+class MemberReplayLM(LM):
+    """One BTM member's document log-likelihoods, recorded during the ensemble's pass, served to lm-eval.
+
+    lm-eval still builds the requests and aggregates bits-per-byte; only the member's forward pass is
+    not repeated. A document the ensemble did not score is an error, never a guess.
+    """
+
+    def __init__(self, member: str, totals: dict[str, float]) -> None:
+        super().__init__()
+        self.member, self.totals = member, totals
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for req in requests:
+            total = self.totals.get(req.args[0])
+            if total is None:
+                raise FlexoError(f"BTM member {self.member!r} has no recorded score for a document of this run: "
+                                 "evaluate the ensemble on the same tasks and limit first")
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("a replayed BTM member has document totals only (loglikelihood_rolling)")
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        raise NotImplementedError("a replayed BTM member has document totals only (loglikelihood_rolling)")
+
+    def get_model_info(self) -> dict:
+        return {"replayed_btm_member": self.member}
 
 
 def btm_total_loglikelihood(member_totals: Sequence[float]) -> float:

@@ -14,6 +14,8 @@ only — never an owner's train or val split):
   :mod:`flexo.baselines`), `expert:<owner>` (each owner's own 2-expert model) and `optout:<owner>`
   (the merged model with that owner's router logit masked to −inf in every layer at run time: the
   model is loaded once and each opt-out is a mask, :func:`flexo.serving.runtime_opt_out`).
+  BTM runs first and records each member's own document log-likelihoods; the `public` and
+  `expert:<owner>` rows replay those (lm-eval still scores them) rather than running each model twice.
 
 Writes `results/metrics.json` (DVC metrics: `bpb` {model: {domain: bits-per-byte}}, `avg_owner_bpb`
 {model: mean over owner domains}, `wall_s`, `eval_s` per model), `results/table.md` (best per column in
@@ -78,7 +80,24 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
     from flexo.modeling import read_meta
 
     merged = _require_model(layout.merged, "merged model", "merge")
-    jobs = [_Job("public", lambda: cache.use(layout.public_model)),
+    # BTM runs every member (public + each owner's model) over every document anyway; it records each
+    # member's own document totals, and the `public` and `expert:*` rows are served from them (lm-eval
+    # still builds the requests and computes bits-per-byte) instead of a second forward pass per model.
+    btm_members: dict[str, dict[str, float]] = {}
+
+    def member(name: str, path: Path):
+        @contextlib.contextmanager
+        def make():
+            if name in btm_members:
+                from flexo.baselines import MemberReplayLM
+
+                yield MemberReplayLM(name, btm_members[name])
+            else:
+                with cache.use(path) as model:
+                    yield model
+        return make
+
+    jobs = [_Job("public", member(PUBLIC, layout.public_model)),
             _Job("flexolmo", lambda: cache.use(merged))]
     rt = layout.merged_rt
     if (rt / "config.json").is_file() and (rt / "flexo.json").is_file() and read_meta(rt).get("tuned", True) is not False:
@@ -101,8 +120,10 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
 
         with contextlib.ExitStack() as stack:
             members = [stack.enter_context(cache.use(p)) for p in [layout.public_model, *expert_models.values()]]
-            yield BTMLM(members, tokenizer=tokenizer(), names=[PUBLIC, *params.owners],
-                        batch_size=params.evaluate.batch_size, max_length=params.evaluate.max_length)
+            lm = BTMLM(members, tokenizer=tokenizer(), names=[PUBLIC, *params.owners],
+                       batch_size=params.evaluate.batch_size, max_length=params.evaluate.max_length)
+            yield lm
+            btm_members.update(lm.member_rolling)
 
     def optout(owner: str):
         @contextlib.contextmanager
@@ -117,15 +138,15 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
         return make
 
     jobs += [_Job("soup", soup), _Job("btm", btm)]
-    jobs += [_Job(f"expert:{o}", (lambda p=p: cache.use(p))) for o, p in expert_models.items()]
+    jobs += [_Job(f"expert:{o}", member(o, p)) for o, p in expert_models.items()]
     jobs += [_Job(f"optout:{o}", optout(o)) for o in params.owners]
     return jobs
 
 
-# Run order (not table order): each model folder is loaded once and dropped after its last use, so
-# the public model lives from `public` to `btm`, owners' models from `btm` through `expert:*`, and the
-# merged model from `flexolmo` through the opt-outs.
-_RUN_ORDER = ("public", "btm", "expert:", "soup", "flexolmo", "optout:", "flexolmo-rt")
+# Run order (not table order): each model folder is loaded once and dropped after its last use. BTM
+# goes first: the public and owners' models live only while it runs, and their own rows (`public`,
+# `expert:*`) replay its passes; the merged model lives from `flexolmo` through the opt-outs.
+_RUN_ORDER = ("btm", "public", "expert:", "soup", "flexolmo", "optout:", "flexolmo-rt")
 
 
 def _run_order(job: _Job) -> int:
@@ -162,12 +183,13 @@ class _ModelCache:
 
 def _count_uses(params: Params, layout: Layout, cache: _ModelCache, jobs: list[_Job]) -> None:
     names = [j.name for j in jobs]
-    cache.expect(layout.public_model, 1 + ("btm" in names))
+    # With BTM in the plan, the members' own rows replay its passes and load nothing.
+    cache.expect(layout.public_model, 1)
     cache.expect(layout.merged, 1 + sum(n.startswith("optout:") for n in names))
     if "flexolmo-rt" in names:
         cache.expect(layout.merged_rt)
     for o in params.owners:
-        cache.expect(layout.expert(o) / "model", (f"expert:{o}" in names) + ("btm" in names))
+        cache.expect(layout.expert(o) / "model", int("btm" in names or f"expert:{o}" in names))
 
 
 # ------------------------------------------------------------------------------------------- the stage

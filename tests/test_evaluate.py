@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from flexo.errors import FlexoError
-from flexo.evaluation import GROUP, evaluate_model, read_domains, task_name, write_domain_tasks
+from flexo.evaluation import GROUP, evaluate_model, load_tokenizer_for, read_domains, task_name, write_domain_tasks
 from flexo.layout import Layout
 from flexo.modeling import load_model
 from flexo.params import load_params
@@ -160,6 +160,33 @@ def test_optout_row_is_the_masked_model(evaluated, tmp_path):
     for d in DOMAINS:
         assert result["bpb"][d] == pytest.approx(opt[d], abs=1e-4)
     assert (layout.results / "adhoc" / "merged-without-alpha.domains.json").is_file()
+
+
+def test_member_rows_replay_btm_and_equal_direct_evaluation(evaluated, tmp_path):
+    """`public` and `expert:*` are served from BTM's pass over its members: the same bits-per-byte as
+    evaluating each model folder on its own, and lm-eval's raw results say the row was replayed."""
+    layout, params, metrics, _ = evaluated
+    tasks = write_domain_tasks(layout, DOMAINS, tmp_path / "tasks", cache_dir=tmp_path / "ds")
+    ev = params.evaluate
+    for row, folder in [("public", layout.public_model), ("expert:beta", layout.expert("beta") / "model")]:
+        direct = evaluate_model(folder, load_tokenizer_for(layout.public_model), tasks, limit=2,
+                                batch_size=ev.batch_size, max_length=ev.max_length)
+        for d in DOMAINS:
+            assert metrics["bpb"][row][d] == pytest.approx(direct[d], abs=1e-5)
+        raw = json.loads((layout.results / "lm_eval" / f"{row.replace(':', '-')}.json").read_text())
+        assert "replayed_btm_member" in json.dumps(raw)
+
+
+def test_replayed_member_refuses_a_document_btm_did_not_score():
+    from lm_eval.api.instance import Instance
+
+    from flexo.baselines import MemberReplayLM
+
+    lm = MemberReplayLM("alpha", {"seen text": -12.5})
+    req = lambda text: Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)  # noqa: E731
+    assert lm.loglikelihood_rolling([req("seen text")]) == [-12.5]
+    with pytest.raises(FlexoError, match="no recorded score"):
+        lm.loglikelihood_rolling([req("unseen text")])
 
 
 def test_bad_suite_and_limit(evaluated):
