@@ -110,6 +110,32 @@ def gaussian_samples(mean: torch.Tensor, cov: torch.Tensor, n: int, generator: t
     return (mean.double() + z @ chol.T).float()
 
 
+def multinomial_rows(xs: Sequence[torch.Tensor], *, l2: float, steps: int, lr: float) -> tuple[torch.Tensor, dict]:
+    """W [C-1, d] of a multinomial logistic regression over the classes of `xs` (one [n_c, d] tensor per
+    class, class 0 the reference with W_0 = 0, no intercept), classes weighted equally."""
+    scale = _feature_scale(xs)
+    w = torch.zeros(len(xs) - 1, xs[0].shape[1], requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr)
+    labels = [torch.full((len(x),), c) for c, x in enumerate(xs)]
+    for _ in range(steps):
+        loss = l2 * (w * scale).pow(2).sum()
+        for x, y in zip(xs, labels):
+            logits = torch.cat([torch.zeros(len(x), 1), x @ w.T], 1)
+            loss = loss + torch.nn.functional.cross_entropy(logits, y) / len(xs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w = w.detach()
+    return w, {"loss": round(float(loss.detach()), 4), "sample_recall": class_recall(w, xs)}
+
+
+def class_recall(w: torch.Tensor, xs: Sequence[torch.Tensor]) -> list[float]:
+    """Per class: the share of its rows whose highest logit (reference class 0 at 0) is its own."""
+    with torch.no_grad():
+        return [round(float((torch.cat([torch.zeros(len(x), 1), x @ w.T], 1).argmax(-1) == c).float().mean()), 4)
+                for c, x in enumerate(xs)]
+
+
 def fit_router(stats: list[dict[str, torch.Tensor]], num_layers: int, *, samples: int, l2: float, steps: int,
                lr: float, seed: int) -> tuple[list[torch.Tensor], list[dict]]:
     """Per layer: W [C-1, d] of a multinomial logistic regression over C classes (class 0 = public, whose
@@ -119,21 +145,7 @@ def fit_router(stats: list[dict[str, torch.Tensor]], num_layers: int, *, samples
     rows, figures = [], []
     for layer in range(num_layers):
         xs = [gaussian_samples(s[f"layers.{layer}.mean"], s[f"layers.{layer}.cov"], samples, g) for s in stats]
-        scale = _feature_scale(xs)
-        w = torch.zeros(len(xs) - 1, xs[0].shape[1], requires_grad=True)
-        opt = torch.optim.Adam([w], lr=lr)
-        labels = [torch.full((len(x),), c) for c, x in enumerate(xs)]
-        for _ in range(steps):
-            loss = l2 * (w * scale).pow(2).sum()
-            for x, y in zip(xs, labels):
-                logits = torch.cat([torch.zeros(len(x), 1), x @ w.T], 1)
-                loss = loss + torch.nn.functional.cross_entropy(logits, y) / len(xs)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            recall = [float((torch.cat([torch.zeros(len(x), 1), x @ w.T], 1).argmax(-1) == c).float().mean())
-                      for c, x in enumerate(xs)]
-        figures.append({"loss": round(float(loss.detach()), 4), "sample_recall": [round(r, 4) for r in recall]})
-        rows.append(w.detach())
+        w, fig = multinomial_rows(xs, l2=l2, steps=steps, lr=lr)
+        rows.append(w)
+        figures.append(fig)
     return rows, figures
