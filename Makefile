@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HOME := $(CURDIR)/.cache/hf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-all dvc-init table clean-outputs bench ablation
+.PHONY: install demo test test-all dvc-init table clean-outputs bench ablation ceiling
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench: dvc-init
 # The routing ablation of results/ablation.md (~40 min; needs `make demo` first for the public model).
 ablation: install
 	$(BIN)/python bench/ablation.py
+
+# Where the merged model loses to BTM and how far any linear router could go (~10 min, after `make demo`).
+ceiling: install
+	$(BIN)/python bench/routing_ceiling.py
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"
