@@ -45,7 +45,7 @@ demo: dvc-init
 	@echo "{\"started\": $$(cat .cache/demo.started), \"finished\": $$(date +%s)}" > .cache/demo_wall.json
 	@cat results/table.md 2>/dev/null || true
 
-# Speed and memory, side by side with the plain baseline of each step (bench/run.py; ~4 min on 2 cores).
+# Speed and memory, side by side with the plain baseline of each step (bench/run.py; ~7 min on 2 cores).
 # BENCH_BEFORE: the commit whose merge is timed as "before" (the one before the streaming merge).
 BENCH_BEFORE ?= 1dbca68
 # On a fresh clone it first builds what the timed steps need (public model, code owner's data: ~3 min).

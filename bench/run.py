@@ -289,9 +289,12 @@ def render(report: dict) -> str:
     if "before" in m:
         b = m["before"]
         change = b["merge_s"] / m["merge_s"]
-        verdict = (f"the rewrite is {change:.2f}× as fast" if abs(change - 1) > 0.05 else
-                   f"no measurable change in speed ({b['merge_s']} s → {m['merge_s']} s, within run-to-run noise): "
-                   "timed until `sync`, the merge is bound by the disk, not by the checks it used to repeat")
+        # Runs of the same merge on this machine differ by up to ~15% (disk and page cache): only a larger
+        # change is called one.
+        verdict = (f"the rewrite is {change:.2f}× as fast" if abs(change - 1) > 0.15 else
+                   f"no change beyond run-to-run noise (±15% here; this run {b['merge_s']} s → {m['merge_s']} s, "
+                   f"{change:.2f}×): timed until `sync`, the merge is bound by the disk, not by the checks it "
+                   "used to repeat")
         lines += ["## The merge rewrite (before → after, same inputs, same run)", "", f"Verdict: {verdict}.", "",
                   "| | before | after |", "|---|---:|---:|",
                   f"| merge wall (s) | {b['merge_s']} | {m['merge_s']} |",
@@ -334,7 +337,14 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="git revision whose merge is timed as 'before'")
     ap.add_argument("--skip-merge", action="store_true", help="reuse .cache/bench/merge.json")
     ap.add_argument("--owner", default="code", help="owner whose train-expert step is timed")
+    ap.add_argument("--render", action="store_true", help="only rewrite the markdown report from results/bench.json")
     a = ap.parse_args()
+    if a.render:
+        report = json.loads((ROOT / "results" / "bench.json").read_text())
+        md = ROOT / "results" / f"bench-{report['date']}.md"
+        md.write_text(render(report))
+        print(md.read_text())
+        return
     started = time.time()
     now = datetime.now(timezone.utc)
     report = {"date": now.strftime("%Y-%m-%d"), "started": now.isoformat(timespec="seconds"), "machine": machine(),
