@@ -40,7 +40,7 @@ from flexo.layout import Layout  # noqa: E402
 from flexo.modeling import load_model, read_meta  # noqa: E402
 from flexo.params import PUBLIC, load_params  # noqa: E402
 from flexo.router_fit import class_recall, gates, multinomial_rows, router_inputs  # noqa: E402
-from flexo.serving import _masked_forward, _routers  # noqa: E402
+from flexo.serving import runtime_opt_out  # noqa: E402
 from flexo.training import pack, set_threads  # noqa: E402
 from stages.curate import read_split  # noqa: E402
 
@@ -82,16 +82,10 @@ class Bench:
         """Each owner domain with the other owners' experts masked in `layers` (None = all)."""
         model = load_model(folder)
         experts = read_meta(folder)["experts"]
-        routers = _routers(model)
-        chosen = range(len(routers)) if layers is None else layers
         out = {}
         for o in self.owners:
-            mask = torch.tensor([e != PUBLIC and e != o for e in experts])
-            for i in chosen:
-                routers[i].forward = _masked_forward(routers[i], mask, min(routers[i].top_k, 2))
-            out.update(self.score(model, [o]))
-            for i in chosen:
-                del routers[i].forward
+            with runtime_opt_out(model, experts, [e for e in self.owners if e != o], layers=layers):
+                out.update(self.score(model, [o]))
         where = "every layer" if layers is None else "layer " + ",".join(map(str, layers)) + " only"
         self.add(f"{name}, oracle routing in {where}", out)
 
@@ -169,7 +163,22 @@ def render(report: dict, domains: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def require_demo(layout: Layout, owners: list[str]) -> None:
+    """One line and exit 2 unless the demo's models and results are here (nothing is written before)."""
+    need = [layout.public_model / "config.json", layout.merged / "config.json", layout.merged_rt / "flexo.json",
+            layout.results / "metrics.json", *(layout.expert(o) / "model" / "config.json" for o in owners)]
+    missing = [str(p.relative_to(layout.root)) for p in need if not p.is_file()]
+    if missing:
+        raise SystemExit(f"routing_ceiling: error: {missing[0]} is missing ({len(missing)} demo outputs in all): "
+                         "run `make demo` first")
+    if read_meta(layout.merged_rt).get("router_tune", {}).get("method") != "federated":
+        raise SystemExit("routing_ceiling: error: models/merged-rt is not the federated router fit: set "
+                         "router_tune.method: federated in params.yaml and run `make demo`")
+
+
 def main() -> None:
+    layout = Layout.at(ROOT)
+    require_demo(layout, list(load_params(layout.params).owners))
     b = Bench()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     metrics = json.loads((b.layout.results / "metrics.json").read_text())["bpb"]

@@ -340,6 +340,8 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown report from results/bench.json")
     a = ap.parse_args()
     if a.render:
+        if not (ROOT / "results" / "bench.json").is_file():
+            raise SystemExit("bench: error: --render needs results/bench.json: run `make bench` first")
         report = json.loads((ROOT / "results" / "bench.json").read_text())
         md = ROOT / "results" / f"bench-{report['date']}.md"
         md.write_text(render(report))

@@ -58,12 +58,15 @@ def _masked_forward(router: torch.nn.Module, mask: torch.Tensor, top_k: int):
 
 
 @contextlib.contextmanager
-def runtime_opt_out(model: torch.nn.Module, experts: list[str], exclude: Sequence[str]) -> Iterator[torch.nn.Module]:
+def runtime_opt_out(model: torch.nn.Module, experts: list[str], exclude: Sequence[str],
+                    layers: Sequence[int] | None = None) -> Iterator[torch.nn.Module]:
     """While active, the experts named in `exclude` get router logit -inf in every layer (never chosen,
     weight 0) and each layer keeps top-k = min(k, experts left); on exit the routers are restored exactly.
 
     `experts` is the model's router order (flexo.json `experts`, public first). Excluding every owner is
     allowed here (the model then computes the public model's function); excluding `public` is not.
+    `layers` (decoder layer indices) limits the mask to those layers — a diagnostic (which layer's
+    routing matters, bench/routing_ceiling.py); an opt-out masks every layer (None).
     """
     experts = list(experts)
     n = getattr(model.config, "num_experts", None)
@@ -81,6 +84,11 @@ def runtime_opt_out(model: torch.nn.Module, experts: list[str], exclude: Sequenc
     mask = torch.tensor([e in names for e in experts])
     left = n - int(mask.sum())
     routers = _routers(model)
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < len(routers)]
+        if bad:
+            raise FlexoError(f"runtime opt-out: layers {bad} out of range: the model has layers 0..{len(routers) - 1}")
+        routers = [routers[i] for i in dict.fromkeys(layers)]
     if any(getattr(r, _ACTIVE, False) for r in routers):
         raise FlexoError("runtime_opt_out is already active on this model: pass all exclusions in one call")
     saved = []

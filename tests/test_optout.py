@@ -85,6 +85,28 @@ def test_runtime_excluding_every_owner_is_the_public_model(ctx, merged, tokens):
     torch.testing.assert_close(masked, public, rtol=0, atol=1e-6)
 
 
+def test_runtime_mask_in_chosen_layers_only(merged, tokens):
+    """`layers` masks only those layers' routers: all of them = the opt-out, some = something between
+    the full model and the opt-out, and only those routers are patched while active."""
+    full = load_model(merged)
+    n = len(full.model.layers)
+    with torch.no_grad():
+        before = full(input_ids=tokens).logits
+        with runtime_opt_out(full, EXPERTS, ["beta"]):
+            everywhere = full(input_ids=tokens).logits
+        with runtime_opt_out(full, EXPERTS, ["beta"], layers=list(range(n))):
+            all_listed = full(input_ids=tokens).logits
+        with runtime_opt_out(full, EXPERTS, ["beta"], layers=[0]):
+            assert ["forward" in m.mlp.gate.__dict__ for m in full.model.layers] == [True] + [False] * (n - 1)
+            first_only = full(input_ids=tokens).logits
+    torch.testing.assert_close(all_listed, everywhere, rtol=0, atol=0)
+    assert not torch.allclose(first_only, before) and not torch.allclose(first_only, everywhere)
+    with pytest.raises(FlexoError, match=rf"layers \[{n}\] out of range"):
+        with runtime_opt_out(full, EXPERTS, ["beta"], layers=[n]):
+            pass
+    assert all("forward" not in m.mlp.gate.__dict__ for m in full.model.layers)
+
+
 def test_runtime_refusals(merged):
     full = load_model(merged)
     with pytest.raises(FlexoError, match="gamma"):
