@@ -75,5 +75,13 @@ class Layout:
     def results(self) -> Path:
         return self.root / "results"
 
+    def protected(self) -> tuple[Path, ...]:
+        """Folders that a user-given `--out` may neither be nor lie inside nor contain: the owners' data,
+        the public artifacts, the owners' packages and statistics, and the project's own machinery."""
+        r = self.root
+        return (r / "data", self.tokenizer, self.public_model, r / "models" / "experts", r / "models" / "router",
+                r / "models" / "router_updates", r / ".git", r / ".dvc", r / ".cache", r / "flexo", r / "stages",
+                r / "flows", r / "tests")
+
     def checkpoints(self, name: str) -> Path:
         return self.root / ".cache" / "checkpoints" / name

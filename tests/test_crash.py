@@ -50,11 +50,11 @@ def project_copy(tiny: Layout, tmp: Path) -> Layout:
     return Layout.at(tmp / "project")
 
 
-def start(root: Path, argv: list[str], patch: str, log: Path) -> subprocess.Popen:
+def start(root: Path, argv: list[str], patch: str, log: Path, **env: str) -> subprocess.Popen:
     """`flexo --root ROOT ARGV` in a new process with `patch` applied first; output goes to `log`."""
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-c", RUN_CLI.format(patch=patch), "--root", str(root), *argv],
-                                cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+                                cwd=REPO, env={**ENV, **env}, stdout=f, stderr=subprocess.STDOUT)
 
 
 def kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 300) -> None:
@@ -140,7 +140,37 @@ def test_merge_killed_half_way_leaves_no_output_and_a_rerun_ignores_the_temp(tin
     meta, ref = (json.loads((d / "flexo.json").read_text()) for d in (layout.merged, clean))
     meta.pop("wall_s"), ref.pop("wall_s")
     assert meta == ref and meta["experts"] == ["public", "alpha", "beta"]
-    assert temps(models, "merged") == stale  # the dead run's temp folder was not picked up
+    assert temps(models, "merged") == []  # the dead run's temp folder was removed, not picked up
+
+
+# Both processes pause just before the swap (the renames that put the new folder in place) until the test
+# says go, so that they finish at the same moment.
+PAUSE_BEFORE_SWAP = ("import os, flexo.fsutil as F\n_lock = F._swap_lock\n"
+                     "def lock(folder):\n    open(os.environ['FLEXO_TEST_READY'] + f'/{{os.getpid()}}', 'w').close()\n"
+                     "    while not os.path.exists(os.environ['FLEXO_TEST_GO']):\n        time.sleep(0.01)\n"
+                     "    return _lock(folder)\nF._swap_lock = lock")
+
+
+def test_two_merges_finishing_together_take_turns_and_leave_no_temp(tiny_project, tmp_path):
+    from stages.merge import merge
+
+    layout = project_copy(tiny_project, tmp_path)
+    clean = tmp_path / "clean"
+    merge(load_params(tiny_project.params), tiny_project, out=clean)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    ready.mkdir()
+    procs = [start(layout.root, ["merge"], PAUSE_BEFORE_SWAP.format(), tmp_path / f"m{i}.log",
+                   FLEXO_TEST_READY=str(ready), FLEXO_TEST_GO=str(go)) for i in range(2)]
+    deadline = time.time() + 300
+    while len(list(ready.iterdir())) < 2 and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.02)
+    assert len(list(ready.iterdir())) == 2, [(tmp_path / f"m{i}.log").read_text()[-2000:] for i in range(2)]
+    go.touch()
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=300) == 0, (tmp_path / f"m{i}.log").read_text()[-3000:]
+    got, want = tree(layout.merged), tree(clean)
+    assert {k: v for k, v in got.items() if k != "flexo.json"} == {k: v for k, v in want.items() if k != "flexo.json"}
+    assert temps(layout.root / "models", "merged") == []
 
 
 def test_merge_failing_half_way_in_process_leaves_nothing(tiny_project, tmp_path, monkeypatch):
