@@ -39,7 +39,8 @@ def peak_rss_bytes(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, i
 def build_inputs(root: Path, n: int, layers: int, hidden: int, inter: int) -> tuple[Path, list[Path]]:
     from transformers import FlexOlmoConfig
 
-    from flexo.modeling import expert_tensors, fingerprint, new_model, write_expert_package, write_meta
+    from flexo.modeling import expert_tensors, fingerprint, new_model, write_meta
+    from flexo.package import ExpertPackage
 
     cfg = FlexOlmoConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, num_experts=1,
@@ -61,8 +62,8 @@ def build_inputs(root: Path, n: int, layers: int, hidden: int, inter: int) -> tu
                 layer.mlp.experts.gate_up_proj.normal_(0, 0.02)
                 layer.mlp.experts.down_proj.normal_(0, 0.02)
         folder = root / f"owner{i}"
-        write_expert_package(folder, expert_tensors(model, 0), {
-            "owner": f"owner{i}", "format": "flexo-expert-v1", "public_fingerprint": fp, "num_layers": layers,
+        ExpertPackage.write(folder, expert_tensors(model, 0), {
+            "owner": f"owner{i}", "public_fingerprint": fp, "num_layers": layers,
             "hidden_size": hidden, "intermediate_size": inter})
         experts.append(folder)
     return public, experts

@@ -39,9 +39,8 @@ from lm_eval.api.registry import register_model
 from safetensors.torch import load_file
 
 from flexo.errors import FlexoError
-from flexo.modeling import (
-    PACKAGE_META, PACKAGE_TENSORS, load_model, read_meta, read_package_meta, with_experts, new_model,
-)
+from flexo.modeling import load_model, new_model, read_meta, with_experts
+from flexo.package import PACKAGE_META, PACKAGE_TENSORS, ExpertPackage
 
 # --------------------------------------------------------------------------------------------- soup
 
@@ -68,11 +67,11 @@ def _owner_ffn(source: Path, public_fp: str | None, num_layers: int):
     """An owner's expert FFN from its package folder (`expert.safetensors`) or its model folder."""
     source = Path(source)
     if (source / PACKAGE_TENSORS).is_file() and (source / PACKAGE_META).is_file():
-        meta = read_package_meta(source)
-        if public_fp and meta["public_fingerprint"] != public_fp:
+        package = ExpertPackage.read(source)
+        if public_fp and package.public_fingerprint != public_fp:
             raise FlexoError(
                 f"expert package {source} was trained against another public model "
-                f"({meta['public_fingerprint'][:12]}… ≠ {public_fp[:12]}…): retrain it against the current one"
+                f"({package.public_fingerprint[:12]}… ≠ {public_fp[:12]}…): retrain it against the current one"
             )
         return _expert_ffn_from_package(source, num_layers)
     model_dir = source / "model" if (source / "model" / "config.json").is_file() else source

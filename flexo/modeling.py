@@ -16,17 +16,14 @@ from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig, FlexOlmoConfig, FlexOlmoForCausalLM
 
 from flexo.errors import FlexoError
-from flexo.fsutil import read_json, sha256_file, write_json
+from flexo.fsutil import OutputGuard, read_json, write_json
 from flexo.params import ModelParams
 
 META = "flexo.json"
-PACKAGE_TENSORS = "expert.safetensors"
-PACKAGE_META = "expert.json"
-PACKAGE_KINDS = ("gate_proj", "up_proj", "down_proj", "router")
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -95,6 +92,20 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32) -> FlexOlmoFor
 # ------------------------------------------------------------------------------------------ manifests
 def read_meta(model_dir: Path) -> dict:
     return read_json(Path(model_dir) / META, what="flexo manifest")
+
+
+def model_kind(model_dir: Path) -> str | None:
+    """The `kind` in a folder's flexo.json (public, owner, merged, merged-rt), or None without one."""
+    try:
+        kind = read_meta(model_dir).get("kind")
+    except FlexoError:
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def model_guard(kind: str, what: str, command: str, inputs: Iterable[Path] = ()) -> OutputGuard:
+    """A stage's model folder may replace only an earlier model folder of the same kind."""
+    return OutputGuard(what, lambda path: model_kind(path) == kind, tuple(inputs), command=command)
 
 
 def write_meta(model_dir: Path, meta: dict) -> None:
@@ -191,34 +202,6 @@ def expert_tensors(model: FlexOlmoForCausalLM, index: int) -> dict[str, torch.Te
         out[f"layers.{i}.down_proj"] = layer.mlp.experts.down_proj[index].detach().clone().contiguous()
         out[f"layers.{i}.router"] = layer.mlp.gate.weight[index].detach().clone().contiguous()
     return out
-
-
-def write_expert_package(folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    # One metadata key: safetensors writes the metadata map in a random order per process, so two keys would
-    # make identical weights hash differently from run to run (tensors_sha256, DVC). The owner is in expert.json.
-    save_file(tensors, str(folder / PACKAGE_TENSORS), metadata={"format": "flexo-expert-v1"})
-    meta = dict(meta, tensors_sha256=sha256_file(folder / PACKAGE_TENSORS))
-    write_json(folder / PACKAGE_META, meta)
-    return meta
-
-
-def package_shapes(num_layers: int, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for i in range(num_layers):
-        shapes[f"layers.{i}.gate_proj"] = (inter, hidden)
-        shapes[f"layers.{i}.up_proj"] = (inter, hidden)
-        shapes[f"layers.{i}.down_proj"] = (hidden, inter)
-        shapes[f"layers.{i}.router"] = (hidden,)
-    return shapes
-
-
-def read_package_meta(folder: Path) -> dict:
-    meta = read_json(Path(folder) / PACKAGE_META, what="expert manifest")
-    for key in ("owner", "public_fingerprint", "num_layers", "hidden_size", "intermediate_size"):
-        if key not in meta:
-            raise FlexoError(f"expert manifest {Path(folder) / PACKAGE_META} lacks {key!r}: rerun train-expert")
-    return meta
 
 
 def count_params(model: torch.nn.Module) -> int:

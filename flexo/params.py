@@ -8,6 +8,7 @@ e.g. ``params.yaml: train_expert.lr must be > 0, got -1``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import yaml
 
 from flexo.errors import FlexoError
 
-OWNER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+OWNER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # matched in full (re.fullmatch: `$` would let "x\n" through)
+OWNER_NAME_MAX = 64  # characters: an owner's name becomes file and folder names (a file-name limit is 255 bytes)
 PUBLIC = "public"
 
 
@@ -167,11 +169,15 @@ class Params:
 
 
 def validate_owner_name(name: Any, key: str) -> str:
-    if not isinstance(name, str) or not OWNER_NAME.match(name):
+    if not isinstance(name, str) or not OWNER_NAME.fullmatch(name):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else repr(name[:80]) + "…"
         raise FlexoError(
-            f"{key}: owner name {name!r} is not allowed: use lower-case letters, digits, '_' and '-' "
-            "(pattern [a-z0-9][a-z0-9_-]*)"
+            f"{key}: owner name {shown} is not allowed: use lower-case letters, digits, '_' and '-' "
+            f"(pattern [a-z0-9][a-z0-9_-]*, at most {OWNER_NAME_MAX} characters)"
         )
+    if len(name) > OWNER_NAME_MAX:
+        raise FlexoError(f"{key}: owner name {name[:20]!r}… has {len(name)} characters, at most {OWNER_NAME_MAX} "
+                         "are allowed: shorten it")
     return name
 
 
@@ -204,6 +210,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise FlexoError(f"params.yaml: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise FlexoError(f"params.yaml: {key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -230,7 +238,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise FlexoError(f"params.yaml: {prefix or 'the file'} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(str(k) for k in set(raw) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise FlexoError(
@@ -279,10 +287,18 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     if not path.is_file():
         raise FlexoError(f"params file {path} not found: run flexo from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FlexoError(f"{path}: byte {e.start} (0x{e.object[e.start]:02x}) is not UTF-8: save the file as UTF-8") from None
+    except OSError as e:
+        raise FlexoError(f"params file {path} cannot be read ({e.strerror}): check it") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "syntax error"
         raise FlexoError(f"params.yaml: not valid YAML ({first}): fix the syntax") from None
+    except RecursionError:
+        raise FlexoError(f"{path}: brackets nested too deeply to be params: fix the syntax") from None
     return params_from_dict(raw)
 
 

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexo.errors import FlexoError
 from flexo.layout import Layout
-from flexo.modeling import PACKAGE_TENSORS, fingerprint, package_shapes, read_meta, read_router_row
+from flexo.modeling import fingerprint, read_meta, read_router_row
+from flexo.package import PACKAGE_TENSORS, package_shapes
 from flexo.params import load_params
 from stages.train_expert import train_expert
 
