@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except FlexoError as e:
         print(f"flexo: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # The disk, permissions or the file system, not flexo: one line naming the path (the stage's temp
+        # output was already removed by atomic_dir/atomic_path on the way out).
+        print(f"flexo: error: {os_error_message(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("flexo: interrupted", file=sys.stderr)
         return 130
@@ -138,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None and not getattr(args, "quiet", False):
         print(json.dumps(result, indent=2, default=str) if not isinstance(result, str) else result)
     return 0
+
+
+def os_error_message(e: OSError) -> str:
+    from flexo.fsutil import NO_SPACE
+
+    where = f" writing {e.filename}" if e.filename else ""
+    if e.errno in NO_SPACE:
+        return f"no space left{where} ({e.strerror}): free disk space (or raise the file-size limit) and rerun"
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or type(e).__name__}{where}: check the path and its permissions, then rerun"
 
 
 def _record_timing(args) -> None:

@@ -20,6 +20,7 @@ of `h` instead, in two places that each keep the data where it is:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -93,19 +94,61 @@ def feature_stats(features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_stats(stats: dict[str, torch.Tensor], num_layers: int, hidden: int, what: str) -> None:
+# Statistics whose scale differs from the public model's own (mean norm, or the spread sqrt(trace cov))
+# by more than this factor do not describe hidden states of a model built on that public model: they
+# would take over the fit (one owner's class swamping every other) or vanish from it.
+STATS_SCALE_BOUND = 1e3
+
+
+def _scales(stats: dict[str, torch.Tensor], layer: int) -> tuple[float, float]:
+    mean, cov = stats[f"layers.{layer}.mean"].double(), stats[f"layers.{layer}.cov"].double()
+    return float(mean.norm()), float(cov.diagonal().sum().clamp_min(0).sqrt())
+
+
+def check_stats(stats: dict[str, torch.Tensor], num_layers: int, hidden: int, what: str, *,
+                min_tokens: int = 1) -> None:
+    """Shapes, finiteness, token count and a symmetric positive semi-definite covariance."""
+    tokens = stats.get("tokens")
+    if tokens is None or tokens.numel() != 1 or tokens.is_floating_point() or int(tokens) < min_tokens:
+        got = None if tokens is None or tokens.numel() != 1 else tokens.item()
+        raise FlexoError(f"{what} summarise {got!r} tokens, at least {min_tokens} are needed: rerun its stage with "
+                         "more text")
     for i in range(num_layers):
         mean, cov = stats.get(f"layers.{i}.mean"), stats.get(f"layers.{i}.cov")
         if mean is None or cov is None or mean.shape != (hidden,) or cov.shape != (hidden, hidden):
             raise FlexoError(f"{what} has no layer-{i} statistics of width {hidden}: rerun its stage")
         if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
             raise FlexoError(f"{what} holds NaN or Inf: rerun its stage")
+        c = cov.double()
+        scale = float(c.abs().max().clamp_min(1e-30))
+        if float((c - c.T).abs().max()) > 1e-4 * scale:
+            raise FlexoError(f"{what}: the layer-{i} covariance is not symmetric: it is not a covariance; rerun its stage")
+        lowest = float(torch.linalg.eigvalsh(c).min())
+        if lowest < -1e-4 * scale:
+            raise FlexoError(f"{what}: the layer-{i} covariance has a negative eigenvalue ({lowest:.3g}), so it is not "
+                             "a covariance (not positive semi-definite); rerun its stage")
+
+
+def check_stats_scale(stats: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], num_layers: int,
+                      what: str) -> None:
+    """Per layer, the mean norm and the spread (sqrt of the covariance's trace) within STATS_SCALE_BOUND
+    of `reference`'s (the public model's statistics on public text)."""
+    for i in range(num_layers):
+        (m, s), (m_ref, s_ref) = _scales(stats, i), _scales(reference, i)
+        for name, value, ref in (("mean norm", m, m_ref), ("spread", s, s_ref)):
+            ratio = value / max(ref, 1e-30)
+            if not 1 / STATS_SCALE_BOUND <= ratio <= STATS_SCALE_BOUND:
+                raise FlexoError(f"{what}: layer-{i} {name} {value:.3g} is {ratio:.3g}x the public model's "
+                                 f"({ref:.3g}), outside [1/{STATS_SCALE_BOUND:g}, {STATS_SCALE_BOUND:g}]: these "
+                                 "are not statistics of a model built on this public model; rerun its stage")
 
 
 def gaussian_samples(mean: torch.Tensor, cov: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     d = mean.numel()
     cov = cov.double() + 1e-4 * torch.eye(d, dtype=torch.float64) * cov.diagonal().mean().clamp_min(1e-6)
-    chol = torch.linalg.cholesky(cov)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info):
+        raise FlexoError("a covariance is not positive definite even with jitter: rerun the router statistics")
     z = torch.randn(n, d, generator=generator, dtype=torch.float64)
     return (mean.double() + z @ chol.T).float()
 
@@ -136,16 +179,35 @@ def class_recall(w: torch.Tensor, xs: Sequence[torch.Tensor]) -> list[float]:
                 for c, x in enumerate(xs)]
 
 
+# A fit whose mean class recall (on its own samples) is within this margin of chance (1/C) has not
+# learned to route: the rows are (nearly) equal and every token would go to the same experts.
+COLLAPSE_MARGIN = 0.05
+
+
 def fit_router(stats: list[dict[str, torch.Tensor]], num_layers: int, *, samples: int, l2: float, steps: int,
-               lr: float, seed: int) -> tuple[list[torch.Tensor], list[dict]]:
+               lr: float, seed: int, names: Sequence[str] | None = None) -> tuple[list[torch.Tensor], list[dict]]:
     """Per layer: W [C-1, d] of a multinomial logistic regression over C classes (class 0 = public, whose
     logit is the reference, W_0 = 0), fitted on `samples` Gaussian draws per class, classes weighted
-    equally. Router row of expert c = r_pub + W[c-1]."""
+    equally. Router row of expert c = r_pub + W[c-1]. A fit that collapses is refused, naming the class
+    (`names`, public first) whose statistics stand furthest from the others' scale."""
     g = torch.Generator().manual_seed(seed)
     rows, figures = [], []
     for layer in range(num_layers):
         xs = [gaussian_samples(s[f"layers.{layer}.mean"], s[f"layers.{layer}.cov"], samples, g) for s in stats]
         w, fig = multinomial_rows(xs, l2=l2, steps=steps, lr=lr)
+        recall = fig["sample_recall"]
+        if sum(recall) / len(recall) <= 1 / len(xs) + COLLAPSE_MARGIN:
+            names = list(names or [f"class {c}" for c in range(len(stats))])
+            culprit = names[_outlier(stats, layer)]
+            raise FlexoError(f"the router fit collapsed at layer {layer} (class recall {recall}, chance "
+                             f"{1 / len(xs):.2f}): the statistics of {culprit!r} differ most in scale from the "
+                             f"others'; check or rerun `flexo router-update --owner {culprit}`")
         rows.append(w)
         figures.append(fig)
     return rows, figures
+
+
+def _outlier(stats: list[dict[str, torch.Tensor]], layer: int) -> int:
+    """The class whose (mean norm, spread) lies furthest, in log scale, from the median of all classes."""
+    logs = torch.tensor([[math.log(max(v, 1e-30)) for v in _scales(s, layer)] for s in stats])
+    return int((logs - logs.median(0).values).abs().sum(1).argmax())

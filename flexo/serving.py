@@ -139,7 +139,15 @@ class FlexoServer:
         routing weight each owner's expert received over the prompt and every generated token."""
         from flexo.attribution import recording
 
+        if not isinstance(prompt, str) or not prompt:
+            raise FlexoError(f"cannot continue an empty prompt (got {prompt!r}): pass at least one character")
+        if max_new_tokens < 1:
+            raise FlexoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self._device())
+        max_len = self.model.config.max_position_embeddings
+        if ids.shape[1] + max_new_tokens > max_len:
+            raise FlexoError(f"a prompt of {ids.shape[1]} tokens plus {max_new_tokens} new ones exceeds the model's "
+                             f"{max_len} positions: shorten the prompt")
         with self._lock, runtime_opt_out(self.model, self.experts, exclude):
             with recording(self.model, self.experts, excluded=list(exclude)) as rec:
                 out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,

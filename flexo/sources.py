@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from flexo.errors import FlexoError
+
 try:  # POSIX only; without it concurrent fetches of one package are merely unsynchronised
     import fcntl
 except ImportError:  # pragma: no cover
@@ -68,7 +70,7 @@ __all__ = [
 # Data types
 
 
-class SourceError(Exception):
+class SourceError(FlexoError):
     """A source could not be fetched or read; the message names the source and the fix."""
 
 

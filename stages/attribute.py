@@ -82,6 +82,8 @@ def _read_text(args) -> str:
         text = args.text
     else:
         path = Path(args.file)
+        if path.is_dir():
+            raise FlexoError(f"--file {path} is a folder, not a file: pass a UTF-8 text file")
         if not path.is_file():
             raise FlexoError(f"--file {path} does not exist: pass a UTF-8 text file")
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import unicodedata
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from flexo import sources
 from flexo.errors import FlexoError
-from flexo.fsutil import atomic_dir, sha256_file
+from flexo.fsutil import OutputGuard, atomic_dir, read_json, sha256_file
 from flexo.layout import Layout
 from flexo.params import PUBLIC, Params
 
@@ -111,19 +112,72 @@ class InboxReport:
     documents: int = 0
     skipped_files: int = 0
     skipped: list[str] | None = None
+    skipped_links: int = 0  # symbolic links (to files or folders) in the inbox: never followed
+
+
+def _inbox_files(folder: Path, report: InboxReport) -> Iterator[tuple[Path, str]]:
+    """(path, relative name) of every regular file under `folder`, in name order, never through a link.
+
+    A symbolic link — to a file or a folder, inside the project or not — is skipped with a warning and
+    counted: an owner's stage reads only what lies in its own folder (a link to another owner's curated
+    split or to /etc/passwd would otherwise become this owner's training text). A file name that is not
+    UTF-8 is skipped the same way (it could not be recorded in the manifest)."""
+    root = folder.resolve()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        here = Path(dirpath)
+        for name in sorted(dirnames):
+            if (here / name).is_symlink():
+                _skip_link(here / name, folder, report)
+        dirnames[:] = sorted(d for d in dirnames if not (here / d).is_symlink())
+        for name in sorted(filenames):
+            path = here / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                _skip_link(path, folder, report)
+                continue
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                log.warning("skipping %s: its file name is not UTF-8", shown)
+                report.skipped_files += 1
+                report.skipped.append(shown)
+                continue
+            if name.startswith(".") or path.suffix not in INBOX_SUFFIXES or not path.is_file():
+                continue
+            if root not in path.resolve().parents:  # belt and braces: nothing outside the folder is read
+                _skip_link(path, folder, report)
+                continue
+            yield path, rel
+
+
+def _skip_link(path: Path, folder: Path, report: InboxReport) -> None:
+    rel = path.relative_to(folder).as_posix()
+    log.warning("skipping %s: a symbolic link (to %s); an owner's folder must hold the files themselves",
+                path, os.readlink(path) if path.is_symlink() else "outside the folder")
+    report.skipped_links += 1
+    report.skipped.append(rel)
+
+
+def inbox_folder(layout: Layout, owner: str) -> Path:
+    """`data/owners/<owner>/`, refused if it is itself a link (it would read another folder's text)."""
+    folder = layout.owner_inbox(owner)
+    if folder.is_symlink():
+        raise FlexoError(f"{folder} is a symbolic link (to {os.readlink(folder)}): an owner's folder must be a "
+                         "real folder holding that owner's own documents; replace the link with the files")
+    if folder.exists() and not folder.is_dir():
+        raise FlexoError(f"{folder} is a file, not a folder: put {owner}'s documents into a folder of that name")
+    return folder
 
 
 def read_inbox(folder: Path) -> tuple[list[Doc], InboxReport]:
     """An owner's own documents: `*.txt` (one file = one document) and `*.jsonl` (a `text` field per line).
-    Binary or non-UTF-8 files are skipped with a warning and counted, never a crash."""
+    Binary or non-UTF-8 files and symbolic links are skipped with a warning and counted, never a crash."""
     report = InboxReport(skipped=[])
     docs: list[Doc] = []
     if not folder.is_dir():
         return docs, report
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if path.name.startswith(".") or path.suffix not in INBOX_SUFFIXES:
-            continue
+    for path, rel in _inbox_files(folder, report):
         report.files += 1
         raw = path.read_bytes()
         try:
@@ -207,7 +261,10 @@ def curate(name: str, params: Params, layout: Layout, *, token_counter=None,
         packaged, records = _packaged_docs(name, layout.downloads, raw_budget, seed=0)
     else:
         packaged, records = iter(documents), [{"source_id": "given", "note": "documents passed by the caller"}]
-    inbox_docs, inbox = ([], InboxReport(skipped=[])) if name == PUBLIC else read_inbox(layout.owner_inbox(name))
+    heldout_guard, curated_guard = split_guards(name)
+    heldout_guard.check(layout.heldout(name))
+    curated_guard.check(layout.curated(name))
+    inbox_docs, inbox = ([], InboxReport(skipped=[])) if name == PUBLIC else read_inbox(inbox_folder(layout, name))
     if name != PUBLIC and documents is None and name not in sources.DOMAIN_SOURCES and not inbox_docs:
         raise FlexoError(
             f"owner {name!r} has no documents: it is not a FlexMix domain ({', '.join(sources.DOMAINS)}) and "
@@ -263,9 +320,9 @@ def curate(name: str, params: Params, layout: Layout, *, token_counter=None,
     stats = {}
     # The test split goes to data/heldout/<name>/ first: a crash between the two renames leaves the
     # curated folder missing, so DVC reruns the stage rather than pairing a new test split with old data.
-    with atomic_dir(layout.heldout(name)) as held:
+    with atomic_dir(layout.heldout(name), heldout_guard) as held:
         _write_split(held / "test.jsonl", buckets["test"], stats, "test", token_counter)
-    with atomic_dir(layout.curated(name)) as tmp:
+    with atomic_dir(layout.curated(name), curated_guard) as tmp:
         for split in ("train", "val"):
             _write_split(tmp / f"{split}.jsonl", buckets[split], stats, split, token_counter)
         stats = {s: stats[s] for s in SPLITS}
@@ -281,6 +338,7 @@ def curate(name: str, params: Params, layout: Layout, *, token_counter=None,
                 "files": inbox.files,
                 "documents": inbox.documents,
                 "skipped_files": inbox.skipped_files,
+                "skipped_links": inbox.skipped_links,
                 "skipped": inbox.skipped,
             },
             "documents_by_source": by_source,
@@ -294,6 +352,23 @@ def curate(name: str, params: Params, layout: Layout, *, token_counter=None,
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     log.info("curated %s: %s", name, {s: stats[s]["documents"] for s in SPLITS})
     return manifest
+
+
+def split_guards(name: str) -> tuple[OutputGuard, OutputGuard]:
+    """What curate may replace: an earlier held-out folder (test.jsonl only) and an earlier curated folder
+    of the same owner (its manifest names it)."""
+    def heldout(path: Path) -> bool:
+        return path.is_dir() and {p.name for p in path.iterdir()} <= {"test.jsonl"}
+
+    def curated(path: Path) -> bool:
+        try:
+            return read_json(path / "manifest.json", what="curated manifest").get("name") == name
+        except FlexoError:
+            return False
+
+    command = f"flexo curate --owner {name}"
+    return (OutputGuard(f"held-out split of {name!r}", heldout, command=command),
+            OutputGuard(f"curated splits of {name!r}", curated, command=command))
 
 
 def _write_split(path: Path, rows: list[dict], stats: dict, split: str, token_counter) -> None:

@@ -33,7 +33,7 @@ import shutil
 import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -43,13 +43,11 @@ from safetensors import SafetensorError, safe_open
 from transformers import FlexOlmoConfig
 
 from flexo.errors import FlexoError
-from flexo.fsutil import atomic_dir, sha256_file
+from flexo.fsutil import OutputGuard, atomic_dir
 from flexo.layout import Layout
-from flexo.modeling import (
-    PACKAGE_META, PACKAGE_TENSORS, fingerprint, package_shapes, read_meta, read_package_meta,
-    with_experts, write_meta,
-)
-from flexo.params import PUBLIC, Params, validate_owner_name
+from flexo.modeling import fingerprint, read_meta, with_experts, write_meta
+from flexo.package import PACKAGE_TENSORS, ExpertPackage, package_shapes
+from flexo.params import PUBLIC, Params
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +99,7 @@ class TensorSpec:
     load: Callable[[], torch.Tensor]
     origin: str = ""
     fix: str = "retrain or re-export the model it comes from"
+    check: Callable[[torch.Tensor], None] | None = None  # a plausibility check of the loaded tensor
 
     @property
     def nbytes(self) -> int:
@@ -262,6 +261,8 @@ class ShardWriter:
         if t.is_floating_point() and not torch.isfinite(t).all():
             where = spec.origin or f"{self.what}: tensor {spec.name}"
             raise FlexoError(f"{where} holds NaN or Inf: {spec.fix}")
+        if spec.check is not None:
+            spec.check(t)
         return t.contiguous()
 
     def flush(self) -> None:
@@ -409,8 +410,9 @@ def _check_public(public: Path, *, verify: bool = True) -> tuple[FlexOlmoConfig,
     if config.model_type != "flex_olmo" or config.num_experts != 1:
         raise FlexoError(f"{public} is not a public model (a 1-expert flex_olmo; it has "
                          f"{config.num_experts} experts): pass the public model folder with --public")
-    if not meta.get("fingerprint"):
-        raise FlexoError(f"public model {public}: flexo.json has no fingerprint: rerun `flexo train-public`")
+    if not isinstance(meta.get("fingerprint"), str) or not meta["fingerprint"]:
+        raise FlexoError(f"public model {public}: flexo.json has no fingerprint string "
+                         f"(got {meta.get('fingerprint')!r}): rerun `flexo train-public`")
     if verify:
         _verify_public(public, meta)
     return config, meta
@@ -427,120 +429,129 @@ def _verify_public(public: Path, meta: dict) -> None:
                          "`flexo train-public`")
 
 
-def _read_package(folder: Path) -> dict:
-    folder = Path(folder)
-    if not (folder / PACKAGE_META).is_file():
-        raise FlexoError(f"{folder} is not an expert package (no {PACKAGE_META}): run `flexo train-expert` for "
-                         "that owner, or pass the package folder")
-    meta = read_package_meta(folder)
-    validate_owner_name(meta["owner"], f"expert package {folder}")
-    if meta["owner"] == PUBLIC:
-        raise FlexoError(f"expert package {folder} is named 'public', the name of expert 0: rename the owner")
-    return meta
-
-
-def _package_where(folder: Path, meta: dict) -> str:
-    return f"expert package {folder} (owner {meta['owner']})"
-
-
-def _check_package(folder: Path, meta: dict, config: FlexOlmoConfig, public_fp: str, dtype: str) -> None:
-    """Fingerprint, keys, shapes and dtypes of one package, from its manifest and header (no tensor read;
-    the sha256 is `_verify_package`, NaN/Inf is checked as each tensor is merged)."""
-    owner = meta["owner"]
-    where = _package_where(folder, meta)
-    if meta["public_fingerprint"] != public_fp:
-        raise FlexoError(f"{where} was trained against public model fingerprint {str(meta['public_fingerprint'])[:12]}…, "
-                         f"but this public model's fingerprint is {public_fp[:12]}…: retrain it with "
-                         f"`flexo train-expert --owner {owner}` against this public model")
-    want = (config.num_hidden_layers, config.hidden_size, config.intermediate_size)
-    got = (meta["num_layers"], meta["hidden_size"], meta["intermediate_size"])
-    if got != want:
-        raise FlexoError(f"{where} has (layers, hidden, intermediate) = {got} but the public model has {want}: "
-                         f"retrain it with `flexo train-expert --owner {owner}`")
-    path = folder / PACKAGE_TENSORS
-    if not path.is_file():
-        raise FlexoError(f"{where}: {PACKAGE_TENSORS} is missing: copy the whole package or retrain it")
-    if not meta.get("tensors_sha256"):
-        raise FlexoError(f"{where}: {PACKAGE_META} has no tensors_sha256: re-export it with `flexo train-expert`")
-    shapes = package_shapes(*want)
-    try:
-        with safe_open(str(path), framework="pt") as st:
-            keys = set(st.keys())
-            found = {k: (tuple(st.get_slice(k).get_shape()), st.get_slice(k).get_dtype()) for k in keys}
-        if keys != set(shapes):
-            odd = sorted(keys ^ set(shapes))
-            raise FlexoError(f"{where}: tensor names differ from the package format (e.g. {odd[0]}): re-export it")
-        for key, shape in shapes.items():
-            if found[key] != (shape, dtype):
-                raise FlexoError(f"{where}: {key} is {found[key][1]} {found[key][0]}, the public model needs "
-                                 f"{dtype} {shape}: retrain it against this public model")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        _verify_package(folder, meta)  # a corrupt copy explains an unreadable header best
-        raise FlexoError(f"{where}: {PACKAGE_TENSORS} is unreadable ({_first_line(e)}): fetch or retrain it") from None
-
-
-def _verify_package(folder: Path, meta: dict) -> None:
-    actual = sha256_file(folder / PACKAGE_TENSORS)
-    if actual != meta["tensors_sha256"]:
-        raise FlexoError(f"{_package_where(folder, meta)}: {PACKAGE_TENSORS} hashes to {actual[:12]}… but "
-                         f"{PACKAGE_META} says {meta['tensors_sha256'][:12]}… (corrupt or truncated copy): "
-                         "fetch the package again")
-
-
 # ------------------------------------------------------------------------------------------ the merge
-def _merged_specs(pub: WeightReader, packages: list[tuple[Path, str]], config: FlexOlmoConfig, dtype: str
+# A package tensor whose RMS exceeds the public expert's by this factor (or a router row whose norm
+# exceeds r_pub's) is not a trained expert but a broken or hostile one: it would take every token (a
+# router row) or swamp the residual stream (an FFN). Trained experts start as a copy of the public FFN
+# and stay within a few times its scale (tests/test_merge.py measures the tiny project's).
+SCALE_BOUND = 1e3
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.double().pow(2).mean().sqrt())
+
+
+def _record_rms(spec: TensorSpec, into: dict, key: str) -> TensorSpec:
+    def check(t: torch.Tensor) -> None:
+        into[key] = _rms(t)
+    return replace(spec, check=check)
+
+
+def _bounded(spec: TensorSpec, reference: dict, key: str, where: str) -> TensorSpec:
+    def check(t: torch.Tensor) -> None:
+        ref = reference[key]
+        if _rms(t) > SCALE_BOUND * max(ref, 1e-12):
+            raise FlexoError(f"{where}: tensor {key} has RMS {_rms(t):.3g}, more than {SCALE_BOUND:g}x the public "
+                             f"expert's {ref:.3g}: the package is broken or tampered with; retrain or re-export it")
+    return replace(spec, check=check)
+
+
+def _merged_specs(pub: WeightReader, packages: list[ExpertPackage], config: FlexOlmoConfig, dtype: str
                   ) -> Iterator[TensorSpec]:
-    """The merged model's tensors in write order (layer after layer); `packages`: (tensor file, where)."""
+    """The merged model's tensors in write order (layer after layer). Each owner tensor is checked,
+    as it streams, for NaN/Inf and for a scale within SCALE_BOUND of the public expert's same tensor
+    (recorded when that one streamed, just before)."""
     head, per_layer, tail = shared_keys(pub)
     for key in head:
         yield pub.spec(key)
     inter, hidden = config.intermediate_size, config.hidden_size
     shapes = package_shapes(config.num_hidden_layers, hidden, inter)
+    public_rms: dict[str, float] = {}
     for i in range(config.num_hidden_layers):
         for key in per_layer.get(i, []):
             yield pub.spec(key)
         p = f"model.layers.{i}.mlp."
-        yield from pub.expert_ffn(i, 0, inter, f"{p}experts.0.")
-        for e, (path, where) in enumerate(packages, start=1):
+        for part, spec in zip(FFN_PARTS, pub.expert_ffn(i, 0, inter, f"{p}experts.0.")):
+            yield _record_rms(spec, public_rms, f"layers.{i}.{part}")
+        for e, package in enumerate(packages, start=1):
             for part in FFN_PARTS:
                 key = f"layers.{i}.{part}"
-                yield TensorSpec(f"{p}experts.{e}.{part}.weight", shapes[key], dtype, partial(read_tensor, path, key),
-                                 origin=f"{where}: tensor {key}", fix="retrain it")
+                spec = TensorSpec(f"{p}experts.{e}.{part}.weight", shapes[key], dtype,
+                                  partial(read_tensor, package.tensors, key),
+                                  origin=f"{package.where}: tensor {key}", fix="retrain it")
+                yield _bounded(spec, public_rms, key, package.where)
         yield TensorSpec(f"{p}gate.weight", (1 + len(packages), hidden), dtype,
                          partial(_router_stack, pub, f"{p}gate.weight", packages, i))
     for key in tail:
         yield pub.spec(key)
 
 
-def _router_stack(pub: WeightReader, key: str, packages: list[tuple[Path, str]], layer: int) -> torch.Tensor:
+def _router_stack(pub: WeightReader, key: str, packages: list[ExpertPackage], layer: int) -> torch.Tensor:
     """Row 0 = r_pub from the public model, row e = owner e's row, bit for bit."""
-    rows = [pub.get_row(key, 0)]
-    for path, where in packages:
-        row = read_tensor(path, f"layers.{layer}.router")
+    r_pub = pub.get_row(key, 0)
+    rows = [r_pub]
+    bound = SCALE_BOUND * max(float(r_pub.double().norm()), 1e-6)
+    for package in packages:
+        row = read_tensor(package.tensors, f"layers.{layer}.router")
         if not torch.isfinite(row).all():
-            raise FlexoError(f"{where}: tensor layers.{layer}.router holds NaN or Inf: retrain it")
+            raise FlexoError(f"{package.where}: tensor layers.{layer}.router holds NaN or Inf: retrain it")
+        norm = float(row.double().norm())
+        if norm > bound:
+            raise FlexoError(f"{package.where}: router row of layer {layer} has norm {norm:.3g}, more than "
+                             f"{SCALE_BOUND:g}x r_pub's: it would take every token; retrain or re-export the package")
         rows.append(row)
     return torch.stack(rows)
 
 
+def merged_model_guard(layout: Layout, inputs: Sequence[Path], *, user_out: bool) -> OutputGuard:
+    """What `flexo merge` may replace: an absent folder or an earlier merged model (not an opt-out or a
+    tuned one), never an input or, for a user-given --out, a project folder of owners' data or artifacts."""
+    def same_kind(path: Path) -> bool:
+        meta = _manifest(path)
+        return meta.get("kind") == "merged" and "opted_out" not in meta
+    return OutputGuard("merged model", same_kind, tuple(inputs), layout.protected() if user_out else (),
+                       command="flexo merge")
+
+
+def _manifest(folder: Path) -> dict:
+    """A model folder's flexo.json, or {} when there is none or it is not a JSON object."""
+    try:
+        meta = read_meta(folder)
+    except FlexoError:
+        return {}
+    return meta
+
+
 def merge(params: Params, layout: Layout, *, public: Path | None = None, experts: list[Path] | None = None,
           exclude: Sequence[str] = (), top_k: int | None = None, out: Path | None = None) -> dict:
-    """Merge the public model and the expert packages into `out` (default models/merged); returns flexo.json."""
+    """Merge the public model and the expert packages into `out` (default models/merged); returns flexo.json.
+
+    The pipeline's merge (default packages and output) is the fan-in that reruns when `owners` changes:
+    after it has succeeded it removes what the owners withdrawn from params.yaml left behind
+    (:func:`stages.status.prune_withdrawn`)."""
     started = time.time()
+    pipeline_run = experts is None and out is None
     public = Path(public) if public is not None else layout.public_model
     folders = [Path(e) for e in experts] if experts is not None else [layout.expert(o) for o in params.owners]
     top_k = params.merge.top_k if top_k is None else int(top_k)
+    guard = merged_model_guard(layout, [public, *folders], user_out=out is not None)
     out = Path(out) if out is not None else layout.merged
+    guard.check(out)
+    if pipeline_run:
+        from stages.status import withdrawal_plan
 
-    # 1. Cheap checks on the manifests: names, duplicates, exclusions, top-k.
-    metas = [(_read_package(f), f) for f in folders]
+        withdrawal = withdrawal_plan(params, layout)
+
+    # 1. Cheap checks on the manifests: names bound to folders, duplicates, exclusions, top-k.
+    packages = [ExpertPackage.read(f, owner=params.owners[i] if experts is None else None)
+                for i, f in enumerate(folders)]
     seen: dict[str, Path] = {}
-    for meta, folder in metas:
-        if meta["owner"] in seen:
-            raise FlexoError(f"owner {meta['owner']!r} is given twice ({seen[meta['owner']]} and {folder}): "
+    for package in packages:
+        if package.owner in seen:
+            raise FlexoError(f"owner {package.owner!r} is given twice ({seen[package.owner]} and {package.folder}): "
                              "pass each owner's package once")
-        seen[meta["owner"]] = folder
-    present = [m["owner"] for m, _ in metas]
+        seen[package.owner] = package.folder
+    present = [p.owner for p in packages]
     for name in exclude:
         if name == PUBLIC:
             raise FlexoError("the public expert cannot be excluded (it is expert 0 of every FlexOlmo model): "
@@ -548,7 +559,7 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
         if name not in present:
             raise FlexoError(f"cannot exclude {name!r}: it is not among the experts being merged {[PUBLIC, *present]}; "
                              "fix --exclude")
-    kept = [(m, f) for m, f in metas if m["owner"] not in set(exclude)]
+    kept = [p for p in packages if p.owner not in set(exclude)]
     n_experts = 1 + len(kept)
     if not 1 <= top_k <= n_experts:
         raise FlexoError(f"top-k {top_k} is out of range: the merged model has {n_experts} experts "
@@ -561,21 +572,21 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
         dtype = pub.dtype("model.layers.0.mlp.gate.weight")
 
     # 3. Every kept package: fingerprint, names, shapes, dtypes from its header (an excluded one is not read).
-    for meta, folder in kept:
-        _check_package(folder, meta, config, public_fp, dtype)
+    sizes = (config.num_hidden_layers, config.hidden_size, config.intermediate_size)
+    for package in kept:
+        package.check(public_fingerprint=public_fp, sizes=sizes, dtype=dtype)
     merged_config = with_experts(config, n_experts, top_k)
 
-    # 4. Stream the weights into a temp folder (NaN/Inf checked per tensor) while a second thread hashes
-    #    the inputs; the folder becomes `out` only when both are done and every check passed.
-    owners = [m["owner"] for m, _ in kept]
-    with atomic_dir(out) as tmp, ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-verify") as pool:
+    # 4. Stream the weights into a temp folder (NaN/Inf and scale checked per tensor) while a second thread
+    #    hashes the inputs; the folder becomes `out` only when both are done and every check passed.
+    owners = [p.owner for p in kept]
+    with atomic_dir(out, guard) as tmp, ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-verify") as pool:
         checks = [pool.submit(_verify_public, public, public_meta)]
-        checks += [pool.submit(_verify_package, folder, meta) for meta, folder in kept]
+        checks += [pool.submit(package.verify) for package in kept]
         writer = ShardWriter(tmp, params.merge.shard_bytes, what="merge")
         try:
             with WeightReader(public, "public model") as pub:
-                packages = [(f / PACKAGE_TENSORS, _package_where(f, m)) for m, f in kept]
-                writer.add_all(_merged_specs(pub, packages, config, dtype))
+                writer.add_all(_merged_specs(pub, kept, config, dtype))
             written = writer.close()
         except (FlexoError, SafetensorError, OSError, ValueError, RuntimeError):
             _raise_first_failed(checks)  # a corrupt input explains a failed read better than the read does
@@ -589,12 +600,12 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
             "fingerprint": public_fp,
             "top_k": top_k,
             "num_experts": n_experts,
-            "packages": {m["owner"]: m["tensors_sha256"] for m, _ in kept},
+            "packages": {p.owner: p.tensors_sha256 for p in kept},
             "opt_out_guarantee": "instant",
             "opt_out_note": GUARANTEE_NOTE,
             "excluded": list(exclude),
-            "training": {m["owner"]: {k: m.get(k) for k in ("steps", "tokens_seen", "public_mix", "train_loss",
-                                                             "val_loss", "initial_val_loss")} for m, _ in kept},
+            "training": {p.owner: {k: p.meta.get(k) for k in ("steps", "tokens_seen", "public_mix", "train_loss",
+                                                               "val_loss", "initial_val_loss")} for p in kept},
             "shards": len(written["files"]),
             "bytes": written["total_size"],
             "wall_s": round(time.time() - started, 2),
@@ -602,6 +613,13 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
         write_meta(tmp, meta)
         write_model_card(tmp, meta)
     log.info("merged %d experts (top-%d) into %s in %.1fs", n_experts, top_k, out, time.time() - started)
+    if pipeline_run:
+        # Only now that the new model is in place: a refused or failed merge deletes nothing.
+        from stages.status import prune_withdrawn
+
+        removed = prune_withdrawn(layout, withdrawal)
+        if removed:
+            meta = dict(meta, withdrawn_removed=removed)
     return meta
 
 
@@ -615,12 +633,6 @@ def _cmd_merge(args) -> dict:
     from flexo.cli import _ctx
 
     params, layout = _ctx(args)
-    if args.expert is None and args.out is None:
-        # The pipeline's merge (the fan-in that reruns when `owners` changes) first removes every trace
-        # of owners withdrawn from params.yaml: their outputs and their dvc.lock entries.
-        from stages.status import prune_withdrawn
-
-        prune_withdrawn(params, layout)
     return merge(params, layout, public=args.public, experts=args.expert, exclude=args.exclude or (),
                  top_k=args.top_k, out=args.out)
 

@@ -26,7 +26,8 @@ import torch
 from transformers import FlexOlmoConfig
 
 from flexo.errors import FlexoError
-from flexo.fsutil import atomic_dir
+from flexo.fsutil import OutputGuard, atomic_dir
+from flexo.layout import Layout
 from flexo.modeling import read_meta, with_experts, write_meta
 from flexo.params import PUBLIC
 from stages.merge import (
@@ -55,10 +56,26 @@ def _opted_tensors(src: WeightReader, keep: list[int], config: FlexOlmoConfig) -
         yield src.spec(key)
 
 
-def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Write `out`: the model in `model_dir` without the experts named in `exclude`; returns its flexo.json."""
+def opt_out_guard(model_dir: Path, layout: Layout | None) -> OutputGuard:
+    """What `flexo opt-out` may replace: an absent folder or an earlier opt-out (flexo.json lists
+    `opted_out`); never its input model nor, inside a project, the project's data and artifact folders."""
+    def same_kind(path: Path) -> bool:
+        try:
+            return "opted_out" in read_meta(path)
+        except FlexoError:
+            return False
+    return OutputGuard("opted-out model", same_kind, (Path(model_dir),),
+                       layout.protected() if layout is not None else (), command="flexo opt-out")
+
+
+def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES,
+            layout: Layout | None = None) -> dict:
+    """Write `out`: the model in `model_dir` without the experts named in `exclude`; returns its flexo.json.
+    `layout` (the project, when there is one) adds its folders to what `out` may never overwrite."""
     started = time.time()
     model_dir, out = Path(model_dir), Path(out)
+    guard = opt_out_guard(model_dir, layout)
+    guard.check(out)
     if not (model_dir / "config.json").is_file():
         raise FlexoError(f"{model_dir} is not a model folder (no config.json): pass a merged model with --model")
     src_meta = read_meta(model_dir)
@@ -92,7 +109,7 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
         log.warning(warning)
 
     kept_names = [experts[i] for i in keep]
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, guard) as tmp:
         writer = ShardWriter(tmp, shard_bytes, what="opt-out")
         with WeightReader(model_dir, "model") as src:
             writer.add_all(_opted_tensors(src, keep, config))
@@ -125,13 +142,12 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
 def _cmd_opt_out(args) -> dict:
     # Works on any flexo model folder, with or without a project; uses merge.shard_bytes when there is one.
     from flexo.cli import _ctx
-    from flexo.layout import Layout
 
-    shard_bytes = DEFAULT_SHARD_BYTES
-    if Path(args.params or Layout.at(args.root).params).is_file():
-        params, _ = _ctx(args)
+    shard_bytes, layout = DEFAULT_SHARD_BYTES, Layout.at(args.root)
+    if Path(args.params or layout.params).is_file():
+        params, layout = _ctx(args)
         shard_bytes = params.merge.shard_bytes
-    return opt_out(args.model, args.exclude, args.out, shard_bytes=shard_bytes)
+    return opt_out(args.model, args.exclude, args.out, shard_bytes=shard_bytes, layout=layout)
 
 
 def add_cli(subparsers) -> None:

@@ -31,9 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from flexo.errors import FlexoError
-from flexo.fsutil import atomic_dir, read_json
+from flexo.fsutil import OutputGuard, atomic_dir, read_json
 from flexo.layout import Layout
-from flexo.modeling import load_model, read_meta, write_meta
+from flexo.modeling import load_model, model_guard, read_meta, write_meta
 from flexo.params import PUBLIC, Params, TrainParams
 from flexo.router_fit import ROUTER_SUFFIX
 from flexo.training import Batches, drop_checkpoint, pack, train, write_loss_log
@@ -119,8 +119,13 @@ def _copy_model_folder(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def tuned_model_guard() -> OutputGuard:
+    return model_guard("merged-rt", "router-tuned model", "flexo router-tune")
+
+
 def router_tune(params: Params, layout: Layout) -> dict:
     started = time.time()
+    tuned_model_guard().check(layout.merged_rt)
     rt = params.router_tune
     src = layout.merged
     if not (src / "config.json").is_file():
@@ -137,7 +142,7 @@ def router_tune(params: Params, layout: Layout) -> dict:
 
         return combine_updates(params, layout)
     if rt.method == "none":
-        with atomic_dir(layout.merged_rt) as tmp:
+        with atomic_dir(layout.merged_rt, tuned_model_guard()) as tmp:
             _copy_model_folder(src, tmp)
             meta = dict(base, kind="merged-rt", tuned=False, opt_out_guarantee="instant", router_tune=None,
                         wall_s=round(time.time() - started, 2))
@@ -177,7 +182,7 @@ def router_tune(params: Params, layout: Layout) -> dict:
                               "proxy": proxy_sha, "blocks": len(blocks)})
     moved = {n: round(float((p.detach() - before[n]).norm()), 6) for n, p in trainable.items()}
 
-    with atomic_dir(layout.merged_rt) as tmp:
+    with atomic_dir(layout.merged_rt, tuned_model_guard()) as tmp:
         model.save_pretrained(tmp, max_shard_size=params.merge.shard_bytes)
         copy_support_files(src, tmp)
         meta = dict(base)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import FlexOlmoConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -28,7 +29,7 @@ from flexo.fsutil import atomic_dir, atomic_path, read_json, write_json
 from flexo.layout import Layout
 from flexo.modeling import load_model, read_meta, write_meta
 from flexo.params import PUBLIC, Params
-from flexo.router_fit import check_stats, feature_stats, fit_router, gates, router_inputs
+from flexo.router_fit import check_stats, check_stats_scale, feature_stats, fit_router, gates, router_inputs
 from flexo.training import pack, set_threads
 from stages.curate import read_split
 from stages.merge import copy_support_files, write_model_card
@@ -80,6 +81,10 @@ def router_update(owner: str, params: Params, layout: Layout) -> dict:
     return info
 
 
+def update_name(layout: Layout, owner: str) -> str:
+    return f"router statistics of {owner!r} ({layout.router_update(owner)})"
+
+
 def read_update(layout: Layout, owner: str, public_fp: str | None, num_layers: int, hidden: int) -> dict[str, torch.Tensor]:
     path = layout.router_update(owner)
     if not path.with_suffix(".json").is_file():
@@ -96,7 +101,10 @@ def read_update(layout: Layout, owner: str, public_fp: str | None, num_layers: i
         stats = load_file(path)
     except (SafetensorError, OSError) as e:
         raise FlexoError(f"router statistics {path} are unreadable ({e}): rerun `flexo router-update --owner {owner}`") from None
-    check_stats(stats, num_layers, hidden, f"router statistics {path}")
+    if info.get("owner") != owner:
+        raise FlexoError(f"router statistics {path} say owner {info.get('owner')!r}, not {owner!r}: rerun "
+                         f"`flexo router-update --owner {owner}`")
+    check_stats(stats, num_layers, hidden, update_name(layout, owner), min_tokens=MIN_TOKENS)
     return stats
 
 
@@ -115,18 +123,25 @@ def combine_updates(params: Params, layout: Layout) -> dict:
     set_threads()
     meta = read_meta(layout.merged)
     owners = [e for e in meta.get("experts", []) if e != PUBLIC]
+    cfg = FlexOlmoConfig.from_pretrained(layout.merged)
+    # Every owner's statistics are read and checked before any model is loaded; their scale is checked
+    # against the public model's own statistics, computed next.
+    updates = [read_update(layout, o, meta.get("fingerprint"), cfg.num_hidden_layers, cfg.hidden_size) for o in owners]
+    public = public_stats(params, layout)
+    for owner, update in zip(owners, updates):
+        check_stats_scale(update, public, cfg.num_hidden_layers, update_name(layout, owner))
+    stats = [public, *updates]
     model = load_model(layout.merged)
-    cfg = model.config
-    stats = [public_stats(params, layout)]
-    stats += [read_update(layout, o, meta.get("fingerprint"), cfg.num_hidden_layers, cfg.hidden_size) for o in owners]
     rt = params.router_tune
     rows, figures = fit_router(stats, cfg.num_hidden_layers, samples=rt.fit_samples, l2=rt.fit_l2,
-                               steps=rt.fit_steps, lr=rt.fit_lr, seed=rt.seed)
+                               steps=rt.fit_steps, lr=rt.fit_lr, seed=rt.seed, names=[PUBLIC, *owners])
     with torch.no_grad():
         for gate, w in zip(gates(model), rows):
             gate.weight[1:] = gate.weight[0] + w  # r_pub stays: it is the public model's row
     base = {k: v for k, v in meta.items() if k not in ("wall_s", "shards", "bytes")}
-    with atomic_dir(layout.merged_rt) as tmp:
+    from stages.router_tune import tuned_model_guard
+
+    with atomic_dir(layout.merged_rt, tuned_model_guard()) as tmp:
         model.save_pretrained(tmp, max_shard_size=params.merge.shard_bytes)
         copy_support_files(layout.merged, tmp)
         out = dict(base, kind="merged-rt", tuned=True, opt_out_guarantee="rerun", opt_out_note=GUARANTEE_NOTE,

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from flexo.errors import FlexoError
-from flexo.fsutil import atomic_dir, write_json
+from flexo.fsutil import OutputGuard, atomic_dir, write_json
 from flexo.layout import Layout
 from flexo.params import PUBLIC, Params
 from stages.curate import read_split
@@ -26,8 +26,15 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
+def tokenizer_guard() -> OutputGuard:
+    """`models/tokenizer` may replace only an earlier tokenizer folder (tokenizer.json + our manifest)."""
+    return OutputGuard("tokenizer", lambda p: (p / "tokenizer.json").is_file() and (p / "manifest.json").is_file(),
+                       command="flexo tokenizer")
+
+
 def train_tokenizer(params: Params, layout: Layout) -> dict:
     started = time.time()
+    tokenizer_guard().check(layout.tokenizer)
     texts = read_split(layout, PUBLIC, "train")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -57,7 +64,7 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
         "pad": PAD,
         "wall_s": round(time.time() - started, 1),
     }
-    with atomic_dir(layout.tokenizer) as tmp:
+    with atomic_dir(layout.tokenizer, tokenizer_guard()) as tmp:
         tok.save_pretrained(tmp)
         write_json(tmp / "manifest.json", manifest)
     return manifest

@@ -20,16 +20,17 @@ Writes `models/experts/<owner>/`: `model/` (the owner's full 2-expert model), th
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
 from flexo.errors import FlexoError
-from flexo.fsutil import atomic_dir, read_json
+from flexo.fsutil import OutputGuard, atomic_dir, read_json
 from flexo.layout import Layout
 from flexo.modeling import (
-    coupled_model, expert_tensors, fingerprint, load_model, read_meta, read_router_row, write_expert_package,
-    write_meta,
+    coupled_model, expert_tensors, fingerprint, load_model, read_meta, read_router_row, write_meta,
 )
+from flexo.package import ExpertPackage
 from flexo.params import PUBLIC, Params
 from flexo.router_fit import ROUTER_SUFFIX, domain_classifier, gates, router_inputs
 from flexo.ds_backend import select_backend
@@ -85,9 +86,21 @@ def set_classifier_rows(model, public, own_blocks: torch.Tensor, public_blocks: 
     return figures
 
 
+def package_guard(owner: str) -> OutputGuard:
+    """An owner's package folder may replace only an earlier package of the same owner."""
+    def same_kind(path: Path) -> bool:
+        try:
+            return ExpertPackage.read(path, owner=owner).owner == owner
+        except FlexoError:
+            return False
+    return OutputGuard(f"expert package of {owner!r}", same_kind, command=f"flexo train-expert --owner {owner}")
+
+
 def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = True, on_step=None) -> dict:
     params.check_owner(owner)
     started = time.time()
+    guard = package_guard(owner)
+    guard.check(layout.expert(owner))  # before the training, not only before the rename
     tokenizer = load_tokenizer(layout)
     # The router row is checked before any weights load (a wrong width is one line, no loading noise).
     width = read_json(layout.public_model / "config.json", what="public model config")["hidden_size"]
@@ -124,15 +137,14 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
     check_public_parts_unchanged(model, public)
 
     out = layout.expert(owner)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, guard) as tmp:
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         write_meta(tmp / "model", {"kind": "owner", "experts": [PUBLIC, owner], "top_k": 2,
                                    "fingerprint": public_meta["fingerprint"]})
         cfg = model.config
-        package = write_expert_package(tmp, expert_tensors(model, 1), {
+        package = ExpertPackage.write(tmp, expert_tensors(model, 1), {
             "owner": owner,
-            "format": "flexo-expert-v1",
             "public_fingerprint": public_meta["fingerprint"],
             "num_layers": cfg.num_hidden_layers,
             "hidden_size": cfg.hidden_size,

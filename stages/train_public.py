@@ -21,7 +21,9 @@ from transformers import AutoConfig
 from flexo.errors import FlexoError
 from flexo.fsutil import atomic_dir
 from flexo.layout import Layout
-from flexo.modeling import count_params, fingerprint, model_config, new_model, read_router_row, write_meta
+from flexo.modeling import (
+    count_params, fingerprint, model_config, model_guard, new_model, read_router_row, write_meta,
+)
 from flexo.params import PUBLIC, Params
 from flexo.ds_backend import select_backend
 from flexo.training import Batches, drop_checkpoint, pack, write_loss_log
@@ -79,6 +81,8 @@ def convert_checkpoint(path: Path, params: Params, tokenizer) -> torch.nn.Module
 
 def train_public(params: Params, layout: Layout, *, resume: bool = True) -> dict:
     started = time.time()
+    guard = model_guard("public", "public model", "flexo train-public")
+    guard.check(layout.public_model)  # before the training, not only before the rename
     tokenizer = load_tokenizer(layout)
     r_pub = read_router_row(layout.router_embedding(PUBLIC), params.model.hidden_size)
     tp = params.train_public
@@ -103,7 +107,7 @@ def train_public(params: Params, layout: Layout, *, resume: bool = True) -> dict
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate.weight.copy_(r_pub[None])
-    with atomic_dir(layout.public_model) as tmp:
+    with atomic_dir(layout.public_model, guard) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         meta = {

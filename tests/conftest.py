@@ -12,7 +12,7 @@ import pytest
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu", "TRANSFORMERS_VERBOSITY": "error",
-               "DO_NOT_TRACK": "1"}.items():
+               "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
     os.environ.setdefault(_k, _v)
 
 TINY_PARAMS = """

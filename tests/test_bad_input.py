@@ -57,12 +57,23 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 
 def snapshot(path: Path):
-    """None if absent; a file's sha256; a folder's {relative path: sha256} (hidden files included)."""
+    """None if absent; a file's sha256; a folder's {relative path: sha256 or link target} (hidden files
+    included; links are recorded, not followed)."""
+    if path.is_symlink():
+        return f"-> {os.readlink(path)}"
     if not path.exists():
         return None
     if path.is_file():
         return sha256_file(path)
-    return {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                out[p.relative_to(path).as_posix()] = f"-> {os.readlink(p)}"
+            elif p.is_file():
+                out[p.relative_to(path).as_posix()] = sha256_file(p)
+    return dict(sorted(out.items()))
 
 
 def leftovers(root: Path) -> list[str]:
@@ -102,6 +113,7 @@ class Case:
     outs: Callable[[Layout, Path], list[Path]]
     words: str | Callable[[Layout, Path], str]
     tags: list[str] = field(default_factory=list)
+    in_root: bool = False  # run with the project root as the working directory (relative paths)
 
 
 CURATED_ALPHA = lambda L, t: [L.curated("alpha"), L.heldout("alpha")]  # noqa: E731
@@ -268,12 +280,194 @@ CASES = [
          lambda L, t: ["audit-extraction", "--owner", "alpha", "--threshold", "1.5"],
          lambda L, t: [L.results], "1.5"),
 ]
-SUBPROCESS = ["params-unknown-key", "package-truncated", "router-embedding-width", "opt-out-exclude-unknown"]
+
+
+# ------------------------------------------------------------------ never destroy: guarded outputs
+def _merged_first(layout: Layout) -> None:
+    from flexo.params import load_params
+    from stages.merge import merge
+
+    merge(load_params(layout.params), layout)
+
+
+def _out_user_folder(layout, tmp):
+    target = tmp / "my-folder"
+    target.mkdir()
+    (target / "notes.txt").write_text("a user's own file\n")
+    return ["merge", "--out", str(target)]
+
+
+def _out_user_file(layout, tmp):
+    (tmp / "notes.txt").write_text("a user's own file\n")
+    return ["merge", "--out", str(tmp / "notes.txt")]
+
+
+def _opt_out_onto_package(layout, tmp):
+    _merged_first(layout)
+    return ["opt-out", "--model", str(layout.merged), "--exclude", "alpha", "--out", str(layout.expert("alpha"))]
+
+
+def _opt_out_onto_input(layout, tmp):
+    _merged_first(layout)
+    return ["opt-out", "--model", str(layout.merged), "--exclude", "alpha", "--out", str(layout.merged)]
+
+
+def _refused_merge_with_withdrawn_owner(layout, tmp):
+    # dvc.lock says the last merge had alpha and beta; params.yaml now lists alpha only, and the merge is
+    # refused (top-k): nothing of beta's may be gone afterwards.
+    write_params(layout, _owners("alpha"))
+    (layout.root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"merge": {
+        "cmd": "flexo merge", "params": {"params.yaml": {"owners": ["alpha", "beta"]}}}}}))
+    return ["merge", "--top-k", "5"]
+
+
+# --------------------------------------------------------------------- never leak: bound identities
+def _swap_owners(layout, tmp):
+    a, b = (json.loads((layout.expert(o) / "expert.json").read_text()) for o in ("alpha", "beta"))
+    a["owner"], b["owner"] = "beta", "alpha"
+    (layout.expert("alpha") / "expert.json").write_text(json.dumps(a))
+    (layout.expert("beta") / "expert.json").write_text(json.dumps(b))
+    return ["merge"]
+
+
+def _manifest_edit(owner: str, edit: Callable[[dict], None] | None = None, raw: str | None = None):
+    def setup(layout, tmp):
+        path = layout.expert(owner) / "expert.json"
+        if raw is not None:
+            path.write_text(raw)
+        else:
+            meta = json.loads(path.read_text())
+            edit(meta)
+            path.write_text(json.dumps(meta))
+        return ["merge"]
+    return setup
+
+
+def _symlinked_owner_folder(layout, tmp):
+    inbox = layout.owner_inbox("alpha")
+    shutil.rmtree(inbox)
+    inbox.symlink_to(layout.owner_inbox("beta"), target_is_directory=True)
+    return ["curate", "--owner", "alpha"]
+
+
+# ------------------------------------------------------------------------- checked statistics
+def _with_stats(edit: Callable[[dict], None]):
+    def setup(layout, tmp):
+        from flexo.params import load_params
+        from stages.router_update import router_update
+
+        params = load_params(layout.params)
+        for owner in params.owners:
+            router_update(owner, params, layout)
+        _merged_first(layout)
+        path = layout.router_update("alpha")
+        stats = load_file(path)
+        edit(stats)
+        save_file(stats, str(path))
+        return ["router-tune"]
+    return setup
+
+
+def _scale_means(stats):
+    for k in [k for k in stats if k.endswith(".mean")]:
+        stats[k] = stats[k] * 1e30
+
+
+def _not_psd(stats):
+    for k in [k for k in stats if k.endswith(".cov")]:
+        stats[k] = -torch.eye(stats[k].shape[0])
+
+
+def _scale_package(key_end: str):
+    def setup(layout, tmp):
+        edit_package(layout, "alpha", lambda t: [t.__setitem__(k, t[k] * 1e30) for k in list(t) if k.endswith(key_end)])
+        return ["merge"]
+    return setup
+
+
+# --------------------------------------------------------------------------- one line, not a traceback
+def _params_bytes(data: bytes, command: list[str]):
+    def setup(layout, tmp):
+        layout.params.write_bytes(data)
+        return command
+    return setup
+
+
+def _malformed_lock(layout, tmp):
+    (layout.root / "dvc.lock").write_text("schema: '2.0'\nstages: [unclosed\n")
+    return ["merge"]
+
+
+def _attribute_folder(layout, tmp):
+    _merged_first(layout)
+    return ["attribute", "--model", str(layout.merged), "--file", str(tmp)]
+
+
+PROTECTED = "belongs to the project"
+CASES += [
+    Case("merge-out-data", "`flexo merge --out data` (every owner's data)",
+         lambda L, t: ["merge", "--out", str(L.root / "data")], lambda L, t: [L.root / "data"], PROTECTED),
+    Case("merge-out-public-model", "`flexo merge --out models/public` (its own input)",
+         lambda L, t: ["merge", "--out", str(L.public_model)], lambda L, t: [L.public_model], "input"),
+    Case("merge-out-dot", "`flexo merge --out .` in the project root",
+         lambda L, t: ["merge", "--out", "."], lambda L, t: [L.root / "data", L.root / "models"],
+         "refusing to write the merged model to .:", in_root=True),
+    Case("merge-out-user-folder", "`--out` onto a folder holding a user's own file",
+         _out_user_folder, lambda L, t: [t / "my-folder"], "not an earlier merged model"),
+    Case("merge-out-user-file", "`--out` onto a user's file", _out_user_file, lambda L, t: [t / "notes.txt"],
+         "it is a file"),
+    Case("opt-out-out-package", "`flexo opt-out … --out models/experts/alpha` (an owner's package)",
+         _opt_out_onto_package, lambda L, t: [L.expert("alpha")], PROTECTED),
+    Case("opt-out-out-input", "`flexo opt-out --model models/merged … --out models/merged` (its own input)",
+         _opt_out_onto_input, MERGED, "input"),
+    Case("merge-refused-deletes-nothing", "a merge refused (top-k) after an owner was withdrawn from params.yaml",
+         _refused_merge_with_withdrawn_owner, lambda L, t: [L.expert("beta"), L.curated("beta"), L.heldout("beta")],
+         "top-k 5"),
+    Case("package-owners-swapped", "two packages' `owner` fields swapped", _swap_owners, MERGED,
+         "lies in a folder named 'alpha'"),
+    Case("package-owner-newline", "a package whose owner is `\"alpha\\n\"`",
+         _manifest_edit("alpha", lambda m: m.__setitem__("owner", "alpha\n")), MERGED, "not allowed"),
+    _params_case("params-owner-newline", "params.yaml `owners: [alpha, \"alpha\\n\"]`",
+                 _owners("alpha", "alpha\n"), "not allowed"),
+    _params_case("params-owner-too-long", "a 300-character owner name in params.yaml",
+                 _owners("alpha", "a" * 300), "300 characters"),
+    Case("cli-owner-too-long", "`--owner` with 300 characters (curate)",
+         lambda L, t: ["curate", "--owner", "b" * 300], lambda L, t: [L.root / "data"], "300 characters"),
+    Case("owner-folder-symlink", "`data/owners/alpha` is a symbolic link to beta's folder",
+         _symlinked_owner_folder, CURATED_ALPHA, "symbolic link"),
+    Case("stats-mean-1e30", "router statistics with every mean scaled by 1e30 (router-tune)",
+         _with_stats(_scale_means), lambda L, t: [L.merged_rt], "mean norm"),
+    Case("stats-cov-not-psd", "router statistics whose covariance is not positive semi-definite",
+         _with_stats(_not_psd), lambda L, t: [L.merged_rt], "negative eigenvalue"),
+    Case("package-router-1e30", "a package's router rows scaled by 1e30 (hash updated to match)",
+         _scale_package(".router"), MERGED, "router row"),
+    Case("package-ffn-1e30", "a package's FFN weights scaled by 1e30 (hash updated to match)",
+         _scale_package("_proj"), MERGED, "RMS"),
+    Case("expert-json-null", "`expert.json` that is `null`", _manifest_edit("alpha", raw="null"), MERGED, "NoneType"),
+    Case("expert-json-string", "`expert.json` that is a string", _manifest_edit("alpha", raw='"alpha"'), MERGED,
+         "not a JSON object"),
+    Case("expert-json-hash-number", "`expert.json` with a number where the tensors' sha256 belongs",
+         _manifest_edit("alpha", lambda m: m.__setitem__("tensors_sha256", 12345)), MERGED, "tensors_sha256"),
+    Case("params-latin1", "params.yaml with a Latin-1 byte",
+         _params_bytes(b"# caf\xe9\nowners: [alpha, beta]\n", ["curate", "--owner", "alpha"]), CURATED_ALPHA,
+         "not UTF-8"),
+    Case("params-nested", "params.yaml with 5,000 nested brackets",
+         _params_bytes(b"owners: " + b"[" * 5000 + b"]" * 5000 + b"\n", ["curate", "--owner", "alpha"]),
+         CURATED_ALPHA, "nested too deeply"),
+    _params_case("params-epochs-inf", "params.yaml `epochs: .inf`", _set("train_expert", "epochs", float("inf")),
+                 "finite"),
+    Case("dvc-lock-malformed", "a `dvc.lock` that is not valid YAML (merge)", _malformed_lock, MERGED, "dvc.lock"),
+    Case("attribute-file-is-folder", "`flexo attribute --file` naming a folder", _attribute_folder,
+         lambda L, t: [L.results], "is a folder"),
+]
+SUBPROCESS = ["params-unknown-key", "package-truncated", "router-embedding-width", "opt-out-exclude-unknown",
+              "merge-out-data"]
 OBSERVED: dict[str, dict] = {}
 
 
 def display(argv: list[str], layout: Layout, tmp: Path) -> str:
-    text = " ".join(f"'{a}'" if " " in a else a for a in argv)
+    shown = [a if len(a) <= 60 else f"{a[:12]}…({len(a)} characters)" for a in argv]
+    text = " ".join(f"'{a}'" if " " in a else a for a in shown)
     return "flexo " + text.replace(str(layout.root) + "/", "").replace(str(tmp), "TMP")
 
 
@@ -285,11 +479,13 @@ def scrub(message: str, layout: Layout, tmp: Path) -> str:
 
 
 def prepare(case: Case, tiny: Layout, tmp: Path) -> tuple[Layout, list[str], list[Path], str, dict]:
+    """A copy of the tiny project, broken by the case; the paths to compare before and after: the case's
+    outputs, plus the project's data, models and dvc.lock (a refusal changes nothing anywhere)."""
     root = tmp / "project"
-    shutil.copytree(tiny.root, root)
+    shutil.copytree(tiny.root, root, symlinks=True)
     layout = Layout.at(root)
     argv = case.setup(layout, tmp)
-    outs = case.outs(layout, tmp)
+    outs = list(dict.fromkeys([*case.outs(layout, tmp), root / "data", root / "models", root / "dvc.lock"]))
     words = case.words(layout, tmp) if callable(case.words) else case.words
     return layout, argv, outs, words, {p: snapshot(p) for p in outs}
 
@@ -309,7 +505,8 @@ def check_refusal(case: Case, rc: int, err: str, layout: Layout, outs: list[Path
 
 def run_case(case: Case, tiny: Layout, tmp: Path) -> dict:
     layout, argv, outs, words, before = prepare(case, tiny, tmp)
-    rc, err = run_cli(["--root", str(layout.root), *argv])
+    with contextlib.chdir(layout.root) if case.in_root else contextlib.nullcontext():
+        rc, err = run_cli(["--root", str(layout.root), *argv])
     check_refusal(case, rc, err, layout, outs, words, before, tmp)
     OBSERVED[case.name] = {"what": case.what, "command": display(argv, layout, tmp),
                            "message": scrub(err.strip(), layout, tmp)}
@@ -356,24 +553,95 @@ def test_binary_and_non_utf8_files_are_skipped_and_counted(tiny_project, tmp_pat
     inbox = layout.owner_inbox("alpha")
     (inbox / "blob.txt").write_bytes(b"\x00\x01\x02binary\xff" * 64)
     (inbox / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e ".encode("latin-1") * 40)
+    with open(os.fsencode(inbox) + b"/caf\xe9.txt", "wb") as f:  # a file name that is not UTF-8
+        f.write(b"Some text that would be fine if its name were UTF-8.\n" * 10)
     before = {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")}
     with caplog.at_level(logging.WARNING, logger="stages.curate"):
         rc, err = run_cli(["--root", str(root), "curate", "--owner", "alpha"])
     assert rc == 0, err
     assert "flexo: error" not in err and "Traceback" not in err
     inbox_report = json.loads((layout.curated("alpha") / "manifest.json").read_text())["inbox"]
-    assert inbox_report["skipped_files"] == 2 and inbox_report["skipped"] == ["blob.txt", "latin1.txt"]
-    assert inbox_report["files"] == len(list(inbox.glob("*.txt")))
+    assert inbox_report["skipped_files"] == 3
+    assert inbox_report["skipped"] == ["blob.txt", "caf\ufffd.txt", "latin1.txt"]
+    assert inbox_report["files"] == len(list(inbox.glob("*.txt"))) - 1  # the badly named one is not read
     # the skipped files add nothing: the splits are the ones curated without them
     assert {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")} == before
     warnings = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     OBSERVED["inbox-binary-non-utf8"] = {
-        "what": "a binary and a non-UTF-8 (Latin-1) `.txt` file in the owner's folder (not an error)",
+        "what": "a binary `.txt` file, a non-UTF-8 (Latin-1) one and one whose name is not UTF-8 in the owner's "
+                "folder (not an error)",
         "command": "flexo curate --owner alpha",
-        "message": "exit 0; manifest `inbox.skipped_files: 2`, `skipped: [blob.txt, latin1.txt]`; log warnings: "
+        "message": "exit 0; manifest `inbox.skipped_files: 3`, `skipped: [blob.txt, caf\ufffd.txt, latin1.txt]`; "
+                   "log warnings: "
                    + " / ".join(scrub(w, layout, tmp_path) for w in warnings),
     }
+
+
+def test_symlinks_in_an_owner_folder_are_skipped_and_counted(tiny_project, tmp_path, caplog):
+    """A link to another owner's curated split, one to a system file and a linked sub-folder: none is read."""
+    root = tmp_path / "project"
+    shutil.copytree(tiny_project.root, root)
+    layout = Layout.at(root)
+    inbox = layout.owner_inbox("alpha")
+    (inbox / "leak.jsonl").symlink_to(Path("..", "..", "curated", "beta", "train.jsonl"))
+    (inbox / "passwd.txt").symlink_to("/etc/passwd")
+    (inbox / "more").symlink_to(layout.owner_inbox("beta"), target_is_directory=True)
+    before = {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")}
+    with caplog.at_level(logging.WARNING, logger="stages.curate"):
+        rc, err = run_cli(["--root", str(root), "curate", "--owner", "alpha"])
+    assert rc == 0, err
+    report = json.loads((layout.curated("alpha") / "manifest.json").read_text())["inbox"]
+    assert report["skipped_links"] == 3 and sorted(report["skipped"]) == ["leak.jsonl", "more", "passwd.txt"]
+    # nothing of beta's (or of /etc) reached alpha's splits: they are byte for byte the ones without the links
+    assert {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")} == before
+    beta_texts = {json.loads(line)["text"] for line in layout.split_file("beta", "train").read_text().splitlines()}
+    assert not beta_texts & {json.loads(line)["text"] for line in layout.split_file("alpha", "train").read_text().splitlines()}
+    warnings = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
+    assert len(warnings) == 3
+    OBSERVED["inbox-symlinks"] = {
+        "what": "symbolic links in the owner's folder: to another owner's curated split, to /etc/passwd, to a "
+                "folder (not an error)",
+        "command": "flexo curate --owner alpha",
+        "message": "exit 0; manifest `inbox.skipped_links: 3`; log warnings: "
+                   + " / ".join(scrub(w, layout, tmp_path) for w in warnings[:1]) + " (and 2 more)",
+    }
+
+
+def test_no_space_left_is_one_line_and_leaves_nothing(tiny_project, tmp_path):
+    """A real process whose file-size limit (RLIMIT_FSIZE) is below the merged model's size: the write fails
+    with EFBIG as on a full disk; one line, exit 2, no merged folder, no temp folder."""
+    import resource
+
+    layout, argv, outs, words, before = prepare(Case("no-space", "", lambda L, t: ["merge"], MERGED, ""),
+                                                tiny_project, tmp_path)
+    limit = 256 * 1024  # bytes: the tiny merged model's shard is larger
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([*flexo_command(), "--root", str(layout.root), *argv], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=300, preexec_fn=small_files)
+    case = Case("merge-no-space", "no space left on the output disk (a real process under a file-size limit)",
+                lambda L, t: argv, MERGED, "no space left")
+    check_refusal(case, r.returncode, r.stderr, layout, outs, "no space left", before, tmp_path)
+    OBSERVED[case.name] = {"what": case.what, "command": "flexo merge", "message": scrub(r.stderr.strip(), layout, tmp_path)}
+
+
+def test_serving_an_empty_prompt_is_one_line(merged):
+    from flexo.errors import FlexoError
+    from flexo.serving import FlexoServer
+
+    server = FlexoServer(merged)
+    with pytest.raises(FlexoError) as e:
+        server.respond("")
+    assert "empty prompt" in str(e.value) and "\n" not in str(e.value)
+    OBSERVED["server-empty-prompt"] = {"what": "an empty prompt to the Python server", "command":
+                                       "FlexoServer(models/merged).respond('')", "message": f"FlexoError: {e.value}"}
+
+
+EXTRA = ["inbox-binary-non-utf8", "inbox-symlinks", "merge-no-space", "server-empty-prompt"]
 
 
 def render_matrix(observed: dict[str, dict]) -> str:
@@ -389,7 +657,7 @@ def render_matrix(observed: dict[str, dict]) -> str:
         "| case | what is wrong | command | observed message |",
         "|---|---|---|---|",
     ]
-    order = [c.name for c in CASES] + ["inbox-binary-non-utf8"]
+    order = [c.name for c in CASES] + EXTRA
     for name in order:
         o = observed[name]
         cell = lambda s: s.replace("|", "\\|")  # noqa: E731
@@ -397,15 +665,21 @@ def render_matrix(observed: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_write_matrix_doc(tiny_project, tmp_path_factory, caplog):
+def test_write_matrix_doc(tiny_project, merged, tmp_path_factory, caplog):
     """docs/bad_input_matrix.md from this run's observations (cases not run in this session are run here)."""
     for case in CASES:
         if case.name not in OBSERVED:
             run_case(case, tiny_project, tmp_path_factory.mktemp(case.name))
     if "inbox-binary-non-utf8" not in OBSERVED:
         test_binary_and_non_utf8_files_are_skipped_and_counted(tiny_project, tmp_path_factory.mktemp("inbox"), caplog)
+    if "inbox-symlinks" not in OBSERVED:
+        test_symlinks_in_an_owner_folder_are_skipped_and_counted(tiny_project, tmp_path_factory.mktemp("links"), caplog)
+    if "merge-no-space" not in OBSERVED:
+        test_no_space_left_is_one_line_and_leaves_nothing(tiny_project, tmp_path_factory.mktemp("nospace"))
+    if "server-empty-prompt" not in OBSERVED:
+        test_serving_an_empty_prompt_is_one_line(merged)
     text = render_matrix(OBSERVED)
     DOC.parent.mkdir(exist_ok=True)
     if not DOC.is_file() or DOC.read_text() != text:
         DOC.write_text(text)
-    assert all(o["message"].startswith("flexo: error: ") for n, o in OBSERVED.items() if n != "inbox-binary-non-utf8")
+    assert all(o["message"].startswith("flexo: error: ") for n, o in OBSERVED.items() if n in {c.name for c in CASES})

@@ -257,7 +257,8 @@ def _twice(layout, tmp):
 
 
 def _not_a_package(layout, tmp):
-    return *_experts(tmp), "not an expert package"
+    (tmp / "alpha").mkdir()
+    return *_experts(tmp / "alpha"), "not an expert package"
 
 
 def _top_k_too_large(layout, tmp):
@@ -300,3 +301,79 @@ def test_cli_merge_success_prints_manifest(ctx, tmp_path, capsys):
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["experts"] == ["public", "beta"] and printed["top_k"] == 1 == read_meta(out)["top_k"]
+
+
+# ----------------------------------------------------------------------------------------- withdrawal
+def _project_copy(ctx, tmp_path):
+    from flexo.layout import Layout
+
+    _, layout = ctx
+    shutil.copytree(layout.root, tmp_path / "p")
+    return Layout.at(tmp_path / "p")
+
+
+def _withdraw_beta(layout, *, lock: bool) -> None:
+    import yaml
+
+    raw = yaml.safe_load(layout.params.read_text())
+    raw["owners"] = ["alpha"]
+    layout.params.write_text(yaml.safe_dump(raw))
+    if lock:  # DVC's record of the last merge: it had alpha and beta
+        (layout.root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+            "merge": {"cmd": "flexo merge", "params": {"params.yaml": {"owners": ["alpha", "beta"]}}},
+            "train_expert@beta": {"cmd": "flexo train-expert --owner beta"}}}))
+
+
+def test_withdrawal_cleans_up_only_after_a_successful_merge(ctx, tmp_path, caplog):
+    layout = _project_copy(ctx, tmp_path)
+    params = load_params(layout.params)
+    merge(params, layout)  # the last merge: alpha and beta
+    _withdraw_beta(layout, lock=True)
+    params = load_params(layout.params)
+    with caplog.at_level("INFO", logger="stages.status"):
+        meta = merge(params, layout)
+    assert meta["experts"] == ["public", "alpha"]
+    assert set(meta["withdrawn_removed"]["beta"]) == {"data/curated/beta", "data/heldout/beta",
+                                                      "models/router/beta.safetensors", "models/router/beta.json",
+                                                      "models/experts/beta"}
+    assert not layout.expert("beta").exists() and layout.expert("alpha").exists()
+    assert "train_expert@beta" not in (layout.root / "dvc.lock").read_text()
+    assert any("withdrawn owner beta: removed models/experts/beta" in r.getMessage() for r in caplog.records)
+
+
+def test_a_package_never_merged_is_never_deleted(ctx, tmp_path):
+    """A package received before its owner is in params.yaml, and a withdrawn owner whose package no merge
+    ever used: both stay (the withdrawn owner's data and rows go, per dvc.lock)."""
+    layout = _project_copy(ctx, tmp_path)
+    shutil.copytree(layout.expert("beta"), layout.root / "models" / "experts" / "gamma")
+    _withdraw_beta(layout, lock=True)  # no models/merged: no evidence that beta's package was ever merged
+    meta = merge(load_params(layout.params), layout)
+    assert (layout.root / "models" / "experts" / "gamma" / "expert.safetensors").is_file()
+    assert layout.expert("beta").is_dir()
+    assert "models/experts/beta" not in meta["withdrawn_removed"]["beta"]
+    assert not layout.curated("beta").exists()
+
+
+def test_without_dvc_the_last_merged_model_says_who_was_withdrawn(ctx, tmp_path):
+    layout = _project_copy(ctx, tmp_path)
+    merge(load_params(layout.params), layout)
+    _withdraw_beta(layout, lock=False)
+    meta = merge(load_params(layout.params), layout)
+    assert "models/experts/beta" in meta["withdrawn_removed"]["beta"] and not layout.expert("beta").exists()
+
+
+def test_trained_packages_stay_far_inside_the_scale_bound(ctx, merged):
+    """The plausibility bound refuses only the absurd: the tiny project's real experts sit within a few
+    times the public expert's scale."""
+    params, layout = ctx
+    public = all_tensors(layout.public_model)
+    worst = 0.0
+    for owner in params.owners:
+        pkg = load_file(layout.expert(owner) / "expert.safetensors")
+        for i in range(params.model.num_layers):
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                ref = public[f"model.layers.{i}.mlp.experts.0.{part}.weight"]
+                worst = max(worst, merge_mod._rms(pkg[f"layers.{i}.{part}"]) / merge_mod._rms(ref))
+            r_pub = public[f"model.layers.{i}.mlp.gate.weight"][0]
+            worst = max(worst, float(pkg[f"layers.{i}.router"].norm() / r_pub.norm()))
+    assert 0.1 < worst < merge_mod.SCALE_BOUND / 20, worst
