@@ -136,11 +136,11 @@ def task_manager(tasks_dir: Path, *, include_defaults: bool = False):
 # ------------------------------------------------------------------------------------------ evaluation
 def load_tokenizer_for(model_dir: Path, fallback: Path | None = None):
     """The tokenizer saved next to a model, else the project tokenizer folder `fallback`."""
-    from transformers import AutoTokenizer
+    from flexo.modeling import load_tokenizer_from
 
     for folder in (Path(model_dir), fallback):
         if folder is not None and (Path(folder) / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
+            return load_tokenizer_from(folder)
     raise FlexoError(f"no tokenizer next to {model_dir} or in {fallback}: run `flexo tokenizer` first")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -56,19 +57,24 @@ class OutputGuard:
     `kind` names the output in messages ("merged model"); `same_kind(path)` says whether an existing
     path is an earlier output of that kind; `inputs` are the stage's inputs (the output may be none of
     them, nor contain one, nor lie inside one); `protected` are project folders the output must not be
-    or lie inside (a user-given `--out` gets the project's data and artifact folders here); `command`
-    is what the user ran, for the message."""
+    or lie inside (a user-given `--out` gets the project's data and artifact folders here); `files` are
+    the (glob) names an earlier output of this kind holds — a folder holding anything else (a user's own
+    notes, an adapter) is refused rather than replaced; `command` is what the user ran and `user_out`
+    whether the path came from `--out`, for the message."""
 
     kind: str
     same_kind: Callable[[Path], bool]
     inputs: tuple[Path, ...] = ()
     protected: tuple[Path, ...] = ()
     command: str = "flexo"
+    files: tuple[str, ...] | None = None
+    user_out: bool = False
 
     def check(self, path: Path) -> None:
         path = Path(path)
         target = path.resolve()
-        fix = f"choose another --out (an absent folder, or one an earlier `{self.command}` wrote)"
+        fix = (f"choose another --out (an absent folder, or one an earlier `{self.command}` wrote)" if self.user_out
+               else f"move it out of the way and rerun `{self.command}`")
         if target == Path(target.anchor) or target == Path.home().resolve():
             raise FlexoError(f"refusing to write the {self.kind} to {path}: it is a top-level folder; {fix}")
         for inp in self.inputs:
@@ -92,6 +98,19 @@ class OutputGuard:
             what = "a file" if path.is_file() else "a folder"
             raise FlexoError(f"refusing to write the {self.kind} to {path}: it is {what} that is not an earlier "
                              f"{self.kind}, and flexo never deletes what it did not write; {fix}")
+        if self.files is not None:
+            foreign = next((rel for rel in _files_below(path) if not any(fnmatch.fnmatch(rel, g) for g in self.files)),
+                           None)
+            if foreign is not None:
+                raise FlexoError(f"refusing to write the {self.kind} to {path}: besides an earlier {self.kind} it "
+                                 f"holds {foreign}, which flexo did not write and never deletes; {fix}")
+
+
+def _files_below(folder: Path) -> Iterator[str]:
+    """Every file and link under `folder`, as a relative POSIX path (links are not followed)."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(filenames) + sorted(d for d in dirnames if (Path(dirpath) / d).is_symlink()):
+            yield (Path(dirpath) / name).relative_to(folder).as_posix()
 
 
 # --------------------------------------------------------------------------------- temp siblings

@@ -21,9 +21,18 @@ from transformers import AutoConfig, FlexOlmoConfig, FlexOlmoForCausalLM
 
 from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, read_json, write_json
-from flexo.params import ModelParams
+from flexo.params import OWNER_NAME, PUBLIC, ModelParams
 
 META = "flexo.json"
+# Files a served model needs besides its weights and config (copied verbatim when present).
+SUPPORT_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+# Every file flexo writes into a model folder (globs): a folder holding anything else is not replaced.
+MODEL_FILES = ("config.json", META, "README.md", "loss.csv", "model.safetensors", "model-*-of-*.safetensors",
+               "model.safetensors.index.json", *SUPPORT_FILES)
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -72,26 +81,76 @@ def new_model(config: FlexOlmoConfig) -> FlexOlmoForCausalLM:
     return FlexOlmoForCausalLM(config)
 
 
-def load_model(path: Path, *, dtype: torch.dtype = torch.float32) -> FlexOlmoForCausalLM:
-    """Load a flexo model folder (stock transformers; never `trust_remote_code`, safetensors only)."""
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def load_config(path: Path, *, flex_olmo: bool = True):
+    """A model folder's config.json as a transformers config; anything wrong with it is one line.
+
+    transformers raises many exception types for a bad config (a strict-dataclass validation error for a
+    wrong type, TypeError for a list, OSError for bad JSON), so every one of them is caught here."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FlexoError(f"{path} is not a model folder (no config.json): run the stage that writes it first")
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "flex_olmo":
+    read_json(path / "config.json", what="model config")  # not JSON / not an object: one clear line first
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 — see the docstring
+        raise FlexoError(f"{path}/config.json is not a valid model config ({_reason(e)}): rerun the stage that "
+                         "wrote it") from None
+    if flex_olmo and config.model_type != "flex_olmo":
         raise FlexoError(f"{path} holds a {config.model_type!r} model, not flex_olmo: convert it with train-public")
+    return config
+
+
+def load_tokenizer_from(path: Path, *, fix: str = "rerun the stage that wrote it"):
+    """The tokenizer saved in `path` (a model or tokenizer folder); a broken one is one line."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 — tokenizers raise JSON, key, attribute and OS errors alike
+        raise FlexoError(f"the tokenizer in {path} cannot be loaded ({_reason(e)}): {fix}") from None
+
+
+def load_model(path: Path, *, dtype: torch.dtype = torch.float32) -> FlexOlmoForCausalLM:
+    """Load a flexo model folder (stock transformers; never `trust_remote_code`, safetensors only)."""
+    path = Path(path)
+    load_config(path)
     try:
         model = FlexOlmoForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, experts_implementation="eager"
         )
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FlexoError(f"cannot load the model in {path} ({str(e).splitlines()[0]}): rerun its stage") from None
+    except Exception as e:  # noqa: BLE001 — weights that do not fit the config raise RuntimeError, etc.
+        raise FlexoError(f"cannot load the model in {path} ({_reason(e)}): rerun its stage") from None
     return model.eval()
 
 
 # ------------------------------------------------------------------------------------------ manifests
+# The keys of flexo.json that later stages read, and the JSON type each must have.
+_META_TYPES = {"kind": str, "fingerprint": str, "experts": list, "opted_out": list, "excluded": list,
+               "packages": dict, "training": dict, "top_k": int, "num_experts": int, "opt_out_guarantee": str}
+
+
 def read_meta(model_dir: Path) -> dict:
-    return read_json(Path(model_dir) / META, what="flexo manifest")
+    """A model folder's flexo.json, type-checked: `experts` a list of owner names with `public` first,
+    and every key later stages read of the JSON type they expect (one line naming the key if not)."""
+    path = Path(model_dir) / META
+    meta = read_json(path, what="flexo manifest")
+    for key, kind in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise FlexoError(f"flexo manifest {path}: {key} must be a JSON {kind.__name__}, got {value!r}: rerun the "
+                             "stage that wrote it")
+    names = [*meta.get("experts", []), *meta.get("opted_out", []), *meta.get("excluded", [])]
+    bad = [n for n in names if not isinstance(n, str) or not (n == PUBLIC or OWNER_NAME.fullmatch(n))]
+    if bad or (meta.get("experts") and meta["experts"][0] != PUBLIC):
+        raise FlexoError(f"flexo manifest {path}: experts must be owner names with 'public' first, got "
+                         f"{meta.get('experts')!r}: rerun the stage that wrote it")
+    return meta
 
 
 def model_kind(model_dir: Path) -> str | None:
@@ -105,7 +164,7 @@ def model_kind(model_dir: Path) -> str | None:
 
 def model_guard(kind: str, what: str, command: str, inputs: Iterable[Path] = ()) -> OutputGuard:
     """A stage's model folder may replace only an earlier model folder of the same kind."""
-    return OutputGuard(what, lambda path: model_kind(path) == kind, tuple(inputs), command=command)
+    return OutputGuard(what, lambda path: model_kind(path) == kind, tuple(inputs), command=command, files=MODEL_FILES)
 
 
 def write_meta(model_dir: Path, meta: dict) -> None:

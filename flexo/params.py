@@ -20,6 +20,7 @@ import yaml
 from flexo.errors import FlexoError
 
 OWNER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # matched in full (re.fullmatch: `$` would let "x\n" through)
+SEED_MAX = 2**31 - 1  # seeds are combined with other numbers into 64-bit generator seeds: keep them 31-bit
 OWNER_NAME_MAX = 64  # characters: an owner's name becomes file and folder names (a file-name limit is 255 bytes)
 PUBLIC = "public"
 
@@ -79,7 +80,7 @@ class TrainParams:
     eval_every: int = num(50, 1)  # steps between validation-loss measurements
     backend: Literal["auto", "torch", "deepspeed"] = "auto"  # auto = deepspeed when a GPU is there, else torch
     bf16: bool = True  # bf16 autocast (CPU and GPU)
-    seed: int = num(0, 0)  # data order and initialisation
+    seed: int = num(0, 0, SEED_MAX)  # data order and initialisation
 
 
 @dataclass
@@ -106,7 +107,7 @@ class EmbedParams:
     documents: int = num(1000, 1)  # documents sampled (seeded) from the train split
     max_tokens: int = num(256, 8)  # embedder truncation length
     batch_size: int = num(32, 1)
-    seed: int = num(0, 0)  # which documents are sampled; also seeds the width projection
+    seed: int = num(0, 0, SEED_MAX)  # which documents are sampled; also seeds the width projection
     row_norm: float = num(1.0, 0.0)  # L2 norm router rows are scaled to; 0 = the raw embedder mean (paper)
 
 
@@ -131,7 +132,7 @@ class RouterTuneParams:
     batch_size: int = num(8, 1)  # proxy: sequences per step
     lr: float = num(1e-3, 0.0, lo_open=True)  # proxy
     proxy_documents: int = num(200, 1)  # proxy: public documents per owner closest to its router embedding
-    seed: int = num(0, 0)
+    seed: int = num(0, 0, SEED_MAX)
 
 
 @dataclass

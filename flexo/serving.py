@@ -116,9 +116,7 @@ class FlexoServer:
     """
 
     def __init__(self, model_dir: Path | str, *, dtype: torch.dtype = torch.float32):
-        from transformers import AutoTokenizer
-
-        from flexo.modeling import load_model, read_meta
+        from flexo.modeling import load_model, load_tokenizer_from, read_meta
 
         self.model_dir = Path(model_dir)
         self.meta = read_meta(self.model_dir)
@@ -127,7 +125,7 @@ class FlexoServer:
         if len(self.experts) != self.model.config.num_experts:
             raise FlexoError(f"{self.model_dir}: flexo.json lists {len(self.experts)} experts, the model has "
                              f"{self.model.config.num_experts}: rerun the stage that wrote it")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = load_tokenizer_from(self.model_dir)
         self._lock = threading.Lock()
 
     def _device(self) -> torch.device:

@@ -40,11 +40,12 @@ def routing_file_name(name: str) -> str:
 
 
 def _model_experts(model_dir: Path) -> list[str]:
-    from flexo.modeling import read_meta
+    from flexo.modeling import load_config, read_meta
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FlexoError(f"{model_dir} is not a model folder (no config.json): pass a flexo model with --model")
+    load_config(model_dir)
     if not (model_dir / "flexo.json").is_file():
         raise FlexoError(f"{model_dir} has no flexo.json, so its experts have no owner names: "
                          "pass a folder written by flexo (train-public, train-expert, merge, opt-out)")
@@ -84,6 +85,8 @@ def _read_text(args) -> str:
         path = Path(args.file)
         if path.is_dir():
             raise FlexoError(f"--file {path} is a folder, not a file: pass a UTF-8 text file")
+        if path.exists() and not path.is_file():
+            raise FlexoError(f"--file {path} is not a regular file (a device or a pipe): pass a UTF-8 text file")
         if not path.is_file():
             raise FlexoError(f"--file {path} does not exist: pass a UTF-8 text file")
         try:

@@ -37,6 +37,7 @@ import torch
 
 from flexo.errors import FlexoError
 from flexo.fsutil import write_json
+from flexo.params import SEED_MAX
 from flexo.layout import Layout
 from flexo.params import Params
 
@@ -113,14 +114,16 @@ def _check_settings(s: dict) -> None:
     limits = {"documents": 1, "prefix_tokens": 1, "continuation_tokens": 1, "samples": 1, "batch_size": 1,
               "top_k": 0, "seed": 0}
     for key, lo in limits.items():
-        if not isinstance(s[key], int) or s[key] < lo:
-            raise FlexoError(f"audit-extraction: --{key.replace('_', '-')} must be an integer >= {lo}, got {s[key]!r}")
+        if not isinstance(s[key], int) or not lo <= s[key] <= SEED_MAX:
+            raise FlexoError(f"audit-extraction: --{key.replace('_', '-')} must be an integer in [{lo}, {SEED_MAX}], "
+                             f"got {s[key]!r}")
     if not 0 < s["threshold"] <= 1:
         raise FlexoError(f"audit-extraction: --threshold must be in (0, 1], got {s['threshold']!r}")
-    if not s["temperature"] >= 0:
-        raise FlexoError(f"audit-extraction: --temperature must be >= 0, got {s['temperature']!r}")
-    if not 0 < s["top_p"] <= 1:
-        raise FlexoError(f"audit-extraction: --top-p must be in (0, 1], got {s['top_p']!r}")
+    # Below ~1e-2 the scaled logits overflow float32 and sampling sees inf/NaN: greedy is what is meant.
+    if not (s["temperature"] == 0 or s["temperature"] >= 1e-2):
+        raise FlexoError(f"audit-extraction: --temperature must be 0 (greedy) or at least 0.01, got {s['temperature']!r}")
+    if not 1e-3 <= s["top_p"] <= 1:
+        raise FlexoError(f"audit-extraction: --top-p must be in [0.001, 1], got {s['top_p']!r}")
 
 
 def default_models(owner: str, layout: Layout) -> dict[str, Path]:

@@ -112,7 +112,8 @@ class InboxReport:
     documents: int = 0
     skipped_files: int = 0
     skipped: list[str] | None = None
-    skipped_links: int = 0  # symbolic links (to files or folders) in the inbox: never followed
+    skipped_links: int = 0  # symbolic and hard links in the inbox: never read
+    skipped_lines: int = 0  # .jsonl lines that are not a JSON object with a string `text`
 
 
 def _inbox_files(folder: Path, report: InboxReport) -> Iterator[tuple[Path, str]]:
@@ -147,6 +148,14 @@ def _inbox_files(folder: Path, report: InboxReport) -> Iterator[tuple[Path, str]
                 continue
             if root not in path.resolve().parents:  # belt and braces: nothing outside the folder is read
                 _skip_link(path, folder, report)
+                continue
+            if path.stat().st_nlink > 1:
+                # A hard link is another name of a file that also lives elsewhere — possibly another owner's
+                # curated split; an owner's folder must hold its own copies.
+                log.warning("skipping %s: a hard link (the file has %d names); copy the file instead", path,
+                            path.stat().st_nlink)
+                report.skipped_links += 1
+                report.skipped.append(rel)
                 continue
             yield path, rel
 
@@ -192,7 +201,7 @@ def read_inbox(folder: Path) -> tuple[list[Doc], InboxReport]:
         if path.suffix == ".txt":
             docs.append(Doc(text, "inbox", rel))
             continue
-        for i, line in enumerate(text.splitlines()):
+        for i, line in enumerate(text.split("\n")):  # not splitlines: U+2028 may sit inside a JSON string
             if not line.strip():
                 continue
             try:
@@ -200,9 +209,9 @@ def read_inbox(folder: Path) -> tuple[list[Doc], InboxReport]:
                 body = row["text"]
                 if not isinstance(body, str):
                     raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                 log.warning("skipping %s line %d: not a JSON object with a string `text` field", path, i + 1)
-                report.skipped_files += 0
+                report.skipped_lines += 1
                 continue
             docs.append(Doc(body, "inbox", f"{rel}#{i}"))
     report.documents = len(docs)
@@ -339,6 +348,7 @@ def curate(name: str, params: Params, layout: Layout, *, token_counter=None,
                 "documents": inbox.documents,
                 "skipped_files": inbox.skipped_files,
                 "skipped_links": inbox.skipped_links,
+                "skipped_lines": inbox.skipped_lines,
                 "skipped": inbox.skipped,
             },
             "documents_by_source": by_source,
@@ -367,8 +377,9 @@ def split_guards(name: str) -> tuple[OutputGuard, OutputGuard]:
             return False
 
     command = f"flexo curate --owner {name}"
-    return (OutputGuard(f"held-out split of {name!r}", heldout, command=command),
-            OutputGuard(f"curated splits of {name!r}", curated, command=command))
+    return (OutputGuard(f"held-out split of {name!r}", heldout, command=command, files=("test.jsonl",)),
+            OutputGuard(f"curated splits of {name!r}", curated, command=command,
+                        files=("train.jsonl", "val.jsonl", "manifest.json")))
 
 
 def _write_split(path: Path, rows: list[dict], stats: dict, split: str, token_counter) -> None:
@@ -401,12 +412,54 @@ def _cap(rows: list[dict], max_chars: int) -> list[dict]:
     return kept
 
 
+def curated_manifest(layout: Layout, name: str) -> dict:
+    """`data/curated/<name>/manifest.json`, checked to be `name`'s, with the sha256 of every split."""
+    folder = layout.curated(name)
+    if folder.is_symlink():
+        raise FlexoError(f"{folder} is a symbolic link (to {os.readlink(folder)}): an owner's splits are read only "
+                         f"from its own folder; delete the link and rerun `flexo curate --owner {name}`")
+    manifest = read_json(folder / "manifest.json", what="curated manifest")
+    if manifest.get("name") != name:
+        raise FlexoError(f"curated manifest {folder / 'manifest.json'} belongs to {manifest.get('name')!r}, not "
+                         f"{name!r}: rerun `flexo curate --owner {name}`")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance((splits.get(s) or {}).get("sha256"), str) for s in SPLITS):
+        raise FlexoError(f"curated manifest {folder / 'manifest.json'} has no sha256 for every split: rerun "
+                         f"`flexo curate --owner {name}`")
+    return manifest
+
+
 def read_split(layout: Layout, name: str, split: str) -> list[str]:
-    """The texts of one curated split (a FlexoError naming the stage to run if it is missing)."""
+    """The texts of one curated split of `name`, checked to be the file curate wrote for `name` (the
+    sha256 in its manifest: a split linked or copied from another owner's folder is refused)."""
     path = layout.split_file(name, split)
+    if path.parent.is_symlink():
+        raise FlexoError(f"{path.parent} is a symbolic link (to {os.readlink(path.parent)}): an owner's splits are "
+                         f"read only from its own folder; delete the link and rerun `flexo curate --owner {name}`")
     if not path.is_file():
         raise FlexoError(f"{path} is missing: run `flexo curate --owner {name}` first")
-    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if split != "test" or layout.curated(name).is_dir():  # the centre holds a held-out split without its manifest
+        want = curated_manifest(layout, name)["splits"][split]["sha256"]
+        if sha256_file(path) != want:
+            raise FlexoError(f"{path} is not the {split} split `flexo curate --owner {name}` wrote (its sha256 differs "
+                             f"from the manifest's): rerun `flexo curate --owner {name}`")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FlexoError(f"{path}: byte {e.start} is not UTF-8: rerun `flexo curate --owner {name}`") from None
+    texts = []
+    # One JSON object per "\n"-terminated line (str.splitlines would also split at U+2028 inside a text).
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise FlexoError(f"{path} line {i} is not a JSON object with a string `text`: rerun "
+                             f"`flexo curate --owner {name}`")
+        texts.append(row["text"])
     if not texts:
         raise FlexoError(f"{path} is empty: rerun `flexo curate --owner {name}` with more documents")
     return texts

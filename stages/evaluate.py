@@ -57,8 +57,8 @@ def model_file_name(name: str) -> str:
 
 def _effective_limit(params: Params, limit: int | None) -> int | None:
     value = params.evaluate.limit if limit is None else int(limit)
-    if value < 0:
-        raise FlexoError(f"--limit must be >= 0 (0 = every document), got {value}")
+    if not 0 <= value <= 10**9:
+        raise FlexoError(f"--limit must be between 0 (every document) and 1000000000, got {value}")
     return value or None
 
 

@@ -45,7 +45,7 @@ from transformers import FlexOlmoConfig
 from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir
 from flexo.layout import Layout
-from flexo.modeling import fingerprint, read_meta, with_experts, write_meta
+from flexo.modeling import MODEL_FILES, SUPPORT_FILES, fingerprint, load_config, read_meta, with_experts, write_meta
 from flexo.package import PACKAGE_TENSORS, ExpertPackage, package_shapes
 from flexo.params import PUBLIC, Params
 
@@ -54,12 +54,6 @@ log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 FFN_PARTS = ("gate_proj", "up_proj", "down_proj")
-# Files a served model needs besides its weights and config (copied verbatim when present).
-SUPPORT_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
 GUARANTEE_NOTE = (
     "The router is softmax over all experts then top-k without renormalisation, so deleting an expert's FFN "
     "and router row (flexo opt-out) or masking its router logit to -inf at serving time computes the same "
@@ -403,11 +397,8 @@ def _check_public(public: Path, *, verify: bool = True) -> tuple[FlexOlmoConfig,
     if not (public / "config.json").is_file():
         raise FlexoError(f"public model {public} not found (no config.json): run `flexo train-public` first")
     meta = read_meta(public)
-    try:
-        config = FlexOlmoConfig.from_pretrained(public)
-    except (OSError, ValueError) as e:
-        raise FlexoError(f"public model {public}: config.json is unreadable ({_first_line(e)}): rerun `flexo train-public`") from None
-    if config.model_type != "flex_olmo" or config.num_experts != 1:
+    config = load_config(public)
+    if config.num_experts != 1:
         raise FlexoError(f"{public} is not a public model (a 1-expert flex_olmo; it has "
                          f"{config.num_experts} experts): pass the public model folder with --public")
     if not isinstance(meta.get("fingerprint"), str) or not meta["fingerprint"]:
@@ -510,7 +501,7 @@ def merged_model_guard(layout: Layout, inputs: Sequence[Path], *, user_out: bool
         meta = _manifest(path)
         return meta.get("kind") == "merged" and "opted_out" not in meta
     return OutputGuard("merged model", same_kind, tuple(inputs), layout.protected() if user_out else (),
-                       command="flexo merge")
+                       command="flexo merge", files=MODEL_FILES, user_out=user_out)
 
 
 def _manifest(folder: Path) -> dict:

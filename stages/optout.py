@@ -28,7 +28,7 @@ from transformers import FlexOlmoConfig
 from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir
 from flexo.layout import Layout
-from flexo.modeling import read_meta, with_experts, write_meta
+from flexo.modeling import MODEL_FILES, load_config, read_meta, with_experts, write_meta
 from flexo.params import PUBLIC
 from stages.merge import (
     ShardWriter, TensorSpec, WeightReader, copy_support_files, shared_keys, write_config, write_model_card,
@@ -65,7 +65,8 @@ def opt_out_guard(model_dir: Path, layout: Layout | None) -> OutputGuard:
         except FlexoError:
             return False
     return OutputGuard("opted-out model", same_kind, (Path(model_dir),),
-                       layout.protected() if layout is not None else (), command="flexo opt-out")
+                       layout.protected() if layout is not None else (), command="flexo opt-out", files=MODEL_FILES,
+                       user_out=True)
 
 
 def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -78,10 +79,10 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
     guard.check(out)
     if not (model_dir / "config.json").is_file():
         raise FlexoError(f"{model_dir} is not a model folder (no config.json): pass a merged model with --model")
+    config = load_config(model_dir)
     src_meta = read_meta(model_dir)
     experts = list(src_meta.get("experts") or [])
-    config = FlexOlmoConfig.from_pretrained(model_dir)
-    if config.model_type != "flex_olmo" or not experts or experts[0] != PUBLIC or len(experts) != config.num_experts:
+    if not experts or len(experts) != config.num_experts:
         raise FlexoError(f"{model_dir}: flexo.json lists experts {experts} but the model has {config.num_experts}: "
                          "it is not a flexo merged model; rerun `flexo merge`")
     names = list(dict.fromkeys(exclude))  # keep order, drop repeats

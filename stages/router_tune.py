@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir, read_json
 from flexo.layout import Layout
-from flexo.modeling import load_model, model_guard, read_meta, write_meta
+from flexo.modeling import load_model, load_tokenizer_from, model_guard, read_meta, write_meta
 from flexo.params import PUBLIC, Params, TrainParams
 from flexo.router_fit import ROUTER_SUFFIX
 from flexo.training import Batches, drop_checkpoint, pack, train, write_loss_log
@@ -163,9 +163,7 @@ def router_tune(params: Params, layout: Layout) -> dict:
                              f"{doc_vectors.shape[1]}: rerun `flexo embed --owner {o}`")
     chosen, figures = select_proxies(doc_vectors, owner_vectors, rt.proxy_documents, rt.seed)
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = load_tokenizer_from(src, fix="rerun `flexo merge`")
     seq = params.model.max_seq_len
     blocks = pack(tokenizer, [public_docs[i] for i in chosen], seq, "router-tuning proxy set")
     val_blocks = pack(tokenizer, read_split(layout, PUBLIC, "val"), seq, "public val split")

@@ -20,14 +20,13 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import FlexOlmoConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flexo.errors import FlexoError
 from flexo.fsutil import atomic_dir, atomic_path, read_json, write_json
 from flexo.layout import Layout
-from flexo.modeling import load_model, read_meta, write_meta
+from flexo.modeling import load_config, load_model, load_tokenizer_from, read_meta, write_meta
 from flexo.params import PUBLIC, Params
 from flexo.router_fit import check_stats, check_stats_scale, feature_stats, fit_router, gates, router_inputs
 from flexo.training import pack, set_threads
@@ -63,13 +62,11 @@ def router_update(owner: str, params: Params, layout: Layout) -> dict:
             save_file({}, str(tmp), metadata={"skipped": "true"})
         write_json(out.with_suffix(".json"), dict(info, skipped=True))
         return dict(info, skipped=True)
-    from transformers import AutoTokenizer
-
     model_dir = layout.expert(owner) / "model"
     if not (model_dir / "config.json").is_file():
         raise FlexoError(f"no model of owner {owner!r} in {model_dir}: run `flexo train-expert --owner {owner}` first")
     package = read_json(layout.expert(owner) / "expert.json", what="expert manifest")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer_from(model_dir, fix=f"rerun `flexo train-expert --owner {owner}`")
     model = load_model(model_dir)
     stats = _stats_of(model, tokenizer, read_split(layout, owner, "train"), params, f"{owner} train split")
     info.update({"tokens": int(stats["tokens"]), "layers": len(gates(model)),
@@ -110,10 +107,8 @@ def read_update(layout: Layout, owner: str, public_fp: str | None, num_layers: i
 
 def public_stats(params: Params, layout: Layout) -> dict[str, torch.Tensor]:
     """The public class: the public model's router inputs on public train text (public data only)."""
-    from transformers import AutoTokenizer
-
     model = load_model(layout.public_model)
-    tokenizer = AutoTokenizer.from_pretrained(layout.public_model)
+    tokenizer = load_tokenizer_from(layout.public_model, fix="rerun `flexo train-public`")
     return _stats_of(model, tokenizer, read_split(layout, PUBLIC, "train"), params, "public train split")
 
 
@@ -123,7 +118,7 @@ def combine_updates(params: Params, layout: Layout) -> dict:
     set_threads()
     meta = read_meta(layout.merged)
     owners = [e for e in meta.get("experts", []) if e != PUBLIC]
-    cfg = FlexOlmoConfig.from_pretrained(layout.merged)
+    cfg = load_config(layout.merged)
     # Every owner's statistics are read and checked before any model is loaded; their scale is checked
     # against the public model's own statistics, computed next.
     updates = [read_update(layout, o, meta.get("fingerprint"), cfg.num_hidden_layers, cfg.hidden_size) for o in owners]

@@ -19,7 +19,7 @@ import yaml
 from flexo.errors import FlexoError
 from flexo.fsutil import atomic_file, remove_path
 from flexo.layout import Layout
-from flexo.params import PUBLIC, Params, validate_owner_name
+from flexo.params import PUBLIC, Params, load_params, validate_owner_name
 
 log = logging.getLogger(__name__)
 OWNER_STAGES = ("curate", "embed", "train_expert", "router_update", "audit")
@@ -90,7 +90,13 @@ def withdrawal_plan(params: Params, layout: Layout) -> Withdrawal:
     """Owners that the last merge had and params.yaml no longer lists. "The last merge" is DVC's record of
     it (dvc.lock's `merge` params); without one (a project run by hand), the merged model's flexo.json.
     Nothing else — a folder on disk that no merge ever used, e.g. a package received before its owner
-    was added to params.yaml — is ever treated as withdrawn."""
+    was added to params.yaml — is ever treated as withdrawn. A merge run with another params file than
+    the project's own (`--params`) withdraws nobody: only the project's params.yaml speaks for owners."""
+    own = load_params(layout.params).owners if layout.params.is_file() else None
+    if own != params.owners:
+        log.warning("the owners given (%s) are not those of %s (%s): no withdrawal clean-up", params.owners,
+                    layout.params, own)
+        return Withdrawal([])
     lock = read_lock(layout.root)
     merged_before = _last_merged_experts(layout, lock)
     before = _dig(lock, "stages", "merge", "params", "params.yaml", "owners")

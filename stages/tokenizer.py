@@ -28,8 +28,10 @@ PAD = "<|pad|>"
 
 def tokenizer_guard() -> OutputGuard:
     """`models/tokenizer` may replace only an earlier tokenizer folder (tokenizer.json + our manifest)."""
+    from flexo.modeling import SUPPORT_FILES
+
     return OutputGuard("tokenizer", lambda p: (p / "tokenizer.json").is_file() and (p / "manifest.json").is_file(),
-                       command="flexo tokenizer")
+                       command="flexo tokenizer", files=(*SUPPORT_FILES, "manifest.json"))
 
 
 def train_tokenizer(params: Params, layout: Layout) -> dict:
@@ -73,7 +75,9 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
 def load_tokenizer(layout: Layout) -> PreTrainedTokenizerBase:
     if not (layout.tokenizer / "tokenizer.json").is_file():
         raise FlexoError(f"no tokenizer in {layout.tokenizer}: run `flexo tokenizer` first")
-    return AutoTokenizer.from_pretrained(layout.tokenizer)
+    from flexo.modeling import load_tokenizer_from
+
+    return load_tokenizer_from(layout.tokenizer, fix="rerun `flexo tokenizer`")
 
 
 def count_tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> int:

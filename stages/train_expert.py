@@ -25,17 +25,17 @@ from pathlib import Path
 import torch
 
 from flexo.errors import FlexoError
-from flexo.fsutil import OutputGuard, atomic_dir, read_json
+from flexo.fsutil import OutputGuard, atomic_dir
 from flexo.layout import Layout
 from flexo.modeling import (
-    coupled_model, expert_tensors, fingerprint, load_model, read_meta, read_router_row, write_meta,
+    MODEL_FILES, coupled_model, load_config, expert_tensors, fingerprint, load_model, read_meta, read_router_row, write_meta,
 )
-from flexo.package import ExpertPackage
+from flexo.package import PACKAGE_META, PACKAGE_TENSORS, ExpertPackage
 from flexo.params import PUBLIC, Params
 from flexo.router_fit import ROUTER_SUFFIX, domain_classifier, gates, router_inputs
 from flexo.ds_backend import select_backend
 from flexo.training import Batches, drop_checkpoint, pack, write_loss_log
-from stages.curate import read_split
+from stages.curate import curated_manifest, read_split
 from stages.tokenizer import load_tokenizer
 
 
@@ -93,7 +93,9 @@ def package_guard(owner: str) -> OutputGuard:
             return ExpertPackage.read(path, owner=owner).owner == owner
         except FlexoError:
             return False
-    return OutputGuard(f"expert package of {owner!r}", same_kind, command=f"flexo train-expert --owner {owner}")
+    files = (PACKAGE_TENSORS, PACKAGE_META, "loss.csv", *(f"model/{f}" for f in MODEL_FILES))
+    return OutputGuard(f"expert package of {owner!r}", same_kind, command=f"flexo train-expert --owner {owner}",
+                       files=files)
 
 
 def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = True, on_step=None) -> dict:
@@ -103,12 +105,13 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
     guard.check(layout.expert(owner))  # before the training, not only before the rename
     tokenizer = load_tokenizer(layout)
     # The router row is checked before any weights load (a wrong width is one line, no loading noise).
-    width = read_json(layout.public_model / "config.json", what="public model config")["hidden_size"]
+    width = load_config(layout.public_model).hidden_size
     r_owner = read_router_row(layout.router_embedding(owner), width)
     public, public_meta = load_public(layout)
     model = coupled_model(public, r_owner)
     trainable, masks = owner_trainables(model)
 
+    data_manifest = curated_manifest(layout, owner)  # checked before any packing or fitting
     tp = params.train_expert
     seq = params.model.max_seq_len
     train_blocks = pack(tokenizer, read_split(layout, owner, "train"), seq, f"{owner} train split")
@@ -126,7 +129,6 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
             trainable.pop(name).requires_grad_(False)
             masks.pop(name)
     mix = public_blocks if tp.public_mix else None
-    data_manifest = read_json(layout.curated(owner) / "manifest.json", what="curated manifest")
     result = select_backend(tp)(
         model, Batches(train_blocks, tp.batch_size, tp.seed, mix, tp.public_mix), val_blocks, tp,
         trainable=trainable, grad_masks=masks, ckpt_dir=layout.checkpoints(f"expert-{owner}"),

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig
 
 from flexo.errors import FlexoError
 from flexo.fsutil import atomic_dir
 from flexo.layout import Layout
 from flexo.modeling import (
-    count_params, fingerprint, model_config, model_guard, new_model, read_router_row, write_meta,
+    count_params, fingerprint, load_config, model_config, model_guard, new_model, read_router_row, write_meta,
 )
 from flexo.params import PUBLIC, Params
 from flexo.ds_backend import select_backend
@@ -37,7 +36,7 @@ def convert_checkpoint(path: Path, params: Params, tokenizer) -> torch.nn.Module
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FlexoError(f"model.init_from {path} is not a transformers checkpoint folder (no config.json)")
-    src_cfg = AutoConfig.from_pretrained(path)
+    src_cfg = load_config(path, flex_olmo=False)
     if src_cfg.model_type not in ("olmo2", "flex_olmo"):
         raise FlexoError(f"model.init_from {path}: model_type {src_cfg.model_type!r} is not olmo2 or flex_olmo")
     if src_cfg.vocab_size < len(tokenizer):

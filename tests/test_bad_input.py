@@ -460,8 +460,96 @@ CASES += [
     Case("attribute-file-is-folder", "`flexo attribute --file` naming a folder", _attribute_folder,
          lambda L, t: [L.results], "is a folder"),
 ]
+
+
+# ------------------------------------------------------- found by a probing run as a hostile user would
+def _out_earlier_merge_with_user_file(layout, tmp):
+    from flexo.params import load_params
+    from stages.merge import merge
+
+    target = tmp / "mymodel"
+    merge(load_params(layout.params), layout, out=target)
+    (target / "notes.txt").write_text("a user's own notes\n")
+    return ["merge", "--out", str(target)]
+
+
+def _curated_folder_link(layout, tmp):
+    shutil.rmtree(layout.curated("alpha"))
+    layout.curated("alpha").symlink_to("beta", target_is_directory=True)
+    return ["train-expert", "--owner", "alpha"]
+
+
+def _curated_file_link(layout, tmp):
+    split = layout.split_file("alpha", "train")
+    split.unlink()
+    split.symlink_to(Path("..", "beta", "train.jsonl"))
+    return ["embed", "--owner", "alpha"]
+
+
+def _json_edit(path_of: Callable[[Layout], Path], edit: Callable[[dict], None], argv: Callable[[Layout, Path], list[str]],
+               merged_first: bool = False):
+    def setup(layout, tmp):
+        if merged_first:
+            _merged_first(layout)
+        path = path_of(layout)
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+        return argv(layout, tmp)
+    return setup
+
+
+def _write_text(path_of: Callable[[Layout], Path], text: str, argv: list[str]):
+    def setup(layout, tmp):
+        path_of(layout).write_text(text)
+        return argv
+    return setup
+
+
+OPT_OUT_ALPHA = lambda L, t: ["opt-out", "--model", str(L.merged), "--exclude", "alpha", "--out", str(t / "no-alpha")]  # noqa: E731
+CASES += [
+    Case("merge-out-earlier-merge-with-user-file", "`--out` onto an earlier merged model that also holds a user's file",
+         _out_earlier_merge_with_user_file, lambda L, t: [t / "mymodel"], "holds notes.txt"),
+    Case("curated-folder-link", "`data/curated/alpha` is a link to beta's curated folder (train-expert)",
+         _curated_folder_link, EXPERT_ALPHA, "symbolic link"),
+    Case("curated-split-link", "alpha's train split is a link to beta's (embed)", _curated_file_link,
+         lambda L, t: [L.router_embedding("alpha")], "sha256"),
+    Case("curated-manifest-empty", "alpha's curated manifest.json is `{}` (train-expert)",
+         _write_text(lambda L: L.curated("alpha") / "manifest.json", "{}", ["train-expert", "--owner", "alpha"]),
+         EXPERT_ALPHA, "belongs to None"),
+    Case("flexo-json-experts-int", "a merged model's flexo.json with `experts: 5` (opt-out)",
+         _json_edit(lambda L: L.merged / "flexo.json", lambda d: d.__setitem__("experts", 5), OPT_OUT_ALPHA, True),
+         lambda L, t: [t / "no-alpha"], "experts must be a JSON list"),
+    Case("flexo-json-packages-list", "a merged model's flexo.json with `packages: [1]` (opt-out)",
+         _json_edit(lambda L: L.merged / "flexo.json", lambda d: d.__setitem__("packages", [1]), OPT_OUT_ALPHA, True),
+         lambda L, t: [t / "no-alpha"], "packages must be a JSON dict"),
+    Case("config-json-wrong-type", "a merged model's config.json with `num_hidden_layers: \"two\"` (attribute)",
+         _json_edit(lambda L: L.merged / "config.json", lambda d: d.__setitem__("num_hidden_layers", "two"),
+                    lambda L, t: ["attribute", "--model", str(L.merged), "--text", "Hello there."], True),
+         lambda L, t: [L.results], "config.json is not a valid model config"),
+    Case("config-json-not-json", "a merged model's config.json that is not JSON (opt-out)",
+         lambda L, t: (_merged_first(L), (L.merged / "config.json").write_text("{"), OPT_OUT_ALPHA(L, t))[-1],
+         lambda L, t: [t / "no-alpha"], "config.json is not valid JSON"),
+    Case("tokenizer-json-not-json", "models/tokenizer/tokenizer.json that is not JSON (curate counts tokens with it)",
+         _write_text(lambda L: L.tokenizer / "tokenizer.json", "{", ["curate", "--owner", "alpha"]), CURATED_ALPHA,
+         "tokenizer"),
+    Case("audit-seed-huge", "audit-extraction `--seed 100000000000000000000`",
+         lambda L, t: ["audit-extraction", "--owner", "alpha", "--seed", "100000000000000000000"],
+         lambda L, t: [L.results], "--seed"),
+    Case("audit-temperature-tiny", "audit-extraction `--temperature 1e-40`",
+         lambda L, t: ["audit-extraction", "--owner", "alpha", "--temperature", "1e-40"],
+         lambda L, t: [L.results], "--temperature"),
+    Case("evaluate-limit-huge", "evaluate `--limit 100000000000000000000`",
+         lambda L, t: ["evaluate", "--model", str(L.public_model), "--limit", "100000000000000000000"],
+         lambda L, t: [L.results], "--limit"),
+    _params_case("params-seed-huge", "params.yaml `embed.seed: 100000000000000000000`",
+                 _set("embed", "seed", 10**20), "embed.seed"),
+    Case("attribute-file-device", "`flexo attribute --file /dev/zero`",
+         lambda L, t: (_merged_first(L), ["attribute", "--model", str(L.merged), "--file", "/dev/zero"])[-1],
+         lambda L, t: [L.results], "not a regular file"),
+]
 SUBPROCESS = ["params-unknown-key", "package-truncated", "router-embedding-width", "opt-out-exclude-unknown",
-              "merge-out-data"]
+              "merge-out-data", "config-json-wrong-type"]
 OBSERVED: dict[str, dict] = {}
 
 
@@ -587,24 +675,26 @@ def test_symlinks_in_an_owner_folder_are_skipped_and_counted(tiny_project, tmp_p
     (inbox / "leak.jsonl").symlink_to(Path("..", "..", "curated", "beta", "train.jsonl"))
     (inbox / "passwd.txt").symlink_to("/etc/passwd")
     (inbox / "more").symlink_to(layout.owner_inbox("beta"), target_is_directory=True)
+    os.link(layout.split_file("beta", "test"), inbox / "held.jsonl")  # a hard link to beta's held-out split
     before = {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")}
     with caplog.at_level(logging.WARNING, logger="stages.curate"):
         rc, err = run_cli(["--root", str(root), "curate", "--owner", "alpha"])
     assert rc == 0, err
     report = json.loads((layout.curated("alpha") / "manifest.json").read_text())["inbox"]
-    assert report["skipped_links"] == 3 and sorted(report["skipped"]) == ["leak.jsonl", "more", "passwd.txt"]
+    assert report["skipped_links"] == 4
+    assert sorted(report["skipped"]) == ["held.jsonl", "leak.jsonl", "more", "passwd.txt"]
     # nothing of beta's (or of /etc) reached alpha's splits: they are byte for byte the ones without the links
     assert {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")} == before
     beta_texts = {json.loads(line)["text"] for line in layout.split_file("beta", "train").read_text().splitlines()}
     assert not beta_texts & {json.loads(line)["text"] for line in layout.split_file("alpha", "train").read_text().splitlines()}
-    warnings = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
-    assert len(warnings) == 3
+    warnings = [r.getMessage() for r in caplog.records if " link" in r.getMessage()]
+    assert len(warnings) == 4
     OBSERVED["inbox-symlinks"] = {
-        "what": "symbolic links in the owner's folder: to another owner's curated split, to /etc/passwd, to a "
-                "folder (not an error)",
+        "what": "symbolic links in the owner's folder (to another owner's curated split, to /etc/passwd, to a "
+                "folder) and a hard link to another owner's held-out split (not an error)",
         "command": "flexo curate --owner alpha",
-        "message": "exit 0; manifest `inbox.skipped_links: 3`; log warnings: "
-                   + " / ".join(scrub(w, layout, tmp_path) for w in warnings[:1]) + " (and 2 more)",
+        "message": "exit 0; manifest `inbox.skipped_links: 4`; log warnings: "
+                   + " / ".join(scrub(w, layout, tmp_path) for w in warnings[:2]) + " (and 2 more)",
     }
 
 

@@ -147,3 +147,34 @@ def test_flexmix_domains_all_have_sources():
         assert sources.DOMAIN_SOURCES[domain], domain
     docs = [Doc("x", "s", "o")]
     assert docs[0].origin == "o"
+
+
+def test_line_separators_inside_a_text_survive_the_round_trip(tmp_path):
+    """U+2028 and U+0085 are kept by cleaning and written raw into the JSONL; reading splits on "\\n" only."""
+    root = make_tiny_project(tmp_path / "p")
+    layout = Layout.at(root)
+    inbox = layout.owner_inbox("alpha")
+    shutil.rmtree(inbox)
+    inbox.mkdir()
+    for i in range(12):  # only these documents, so none is cut by the budget
+        sep = "\u2028" if i % 2 else "\x85"
+        (inbox / f"odd{i}.txt").write_text(f"document {i}: first part{sep}second part of the paragraph " * 20,
+                                           encoding="utf-8")
+    with open(inbox / "nested.jsonl", "w") as f:  # a line too deeply nested to parse is skipped, not a crash
+        f.write("[" * 100_000 + "\n" + json.dumps({"text": "a fine line " * 30}) + "\n")
+    params = load_params(layout.params)
+    manifest = curate("alpha", params, layout)
+    assert manifest["inbox"]["skipped_lines"] == 1
+    texts = [t for s in ("train", "val", "test") for t in read_split(layout, "alpha", s)]
+    assert any("\u2028" in t for t in texts) and any("\x85" in t for t in texts)
+    assert any(t.startswith("a fine line") for t in texts)
+
+
+def test_a_split_edited_after_curation_is_refused(project):
+    layout, params = project
+    curate("alpha", params, layout)
+    assert read_split(layout, "alpha", "train")
+    with open(layout.split_file("alpha", "train"), "a") as f:
+        f.write(json.dumps({"text": "text that curate never wrote"}) + "\n")
+    with pytest.raises(FlexoError, match="sha256 differs"):
+        read_split(layout, "alpha", "train")

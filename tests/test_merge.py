@@ -377,3 +377,15 @@ def test_trained_packages_stay_far_inside_the_scale_bound(ctx, merged):
             r_pub = public[f"model.layers.{i}.mlp.gate.weight"][0]
             worst = max(worst, float(pkg[f"layers.{i}.router"].norm() / r_pub.norm()))
     assert 0.1 < worst < merge_mod.SCALE_BOUND / 20, worst
+
+
+def test_a_merge_with_another_params_file_withdraws_nobody(ctx, tmp_path):
+    """`flexo --params other.yaml merge` listing fewer owners merges them, and deletes nothing of the others:
+    only the project's own params.yaml speaks for who was withdrawn."""
+    layout = _project_copy(ctx, tmp_path)
+    merge(load_params(layout.params), layout)
+    other = tmp_path / "alpha-only.yaml"
+    other.write_text(layout.params.read_text().replace("owners: [alpha, beta]", "owners: [alpha]"))
+    meta = merge(load_params(other), layout)
+    assert meta["experts"] == ["public", "alpha"] and "withdrawn_removed" not in meta
+    assert layout.expert("beta").is_dir() and layout.curated("beta").is_dir()

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexo.errors import FlexoError
+from flexo.fsutil import sha256_file
 from flexo.layout import Layout
 from flexo.modeling import fingerprint, read_meta, read_router_row
 from flexo.package import PACKAGE_TENSORS, package_shapes
@@ -129,6 +130,10 @@ def test_missing_router_embedding_names_the_stage_to_run(project_copy):
 def test_empty_split_names_the_fix(project_copy):
     layout, params = project_copy
     layout.split_file("beta", "val").write_text("")
+    manifest_path = layout.curated("beta") / "manifest.json"  # as if curate had written the empty split
+    manifest = json.loads(manifest_path.read_text())
+    manifest["splits"]["val"]["sha256"] = sha256_file(layout.split_file("beta", "val"))
+    manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(FlexoError, match="is empty"):
         train_expert("beta", params, layout)
 
