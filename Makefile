@@ -55,11 +55,11 @@ bench: dvc-init
 
 # The routing ablation of results/ablation.md (~40 min; needs `make demo` first for the public model).
 ablation: install
-	$(BIN)/python bench/ablation.py
+	$(BIN)/python experiments/ablation.py
 
 # Where the merged model loses to BTM and how far any linear router could go (~10 min, after `make demo`).
 ceiling: install
-	$(BIN)/python bench/routing_ceiling.py
+	$(BIN)/python experiments/routing_ceiling.py
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"

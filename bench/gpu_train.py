@@ -89,14 +89,13 @@ def flop_counts(cfg, seq: int) -> dict:
 
 def torch_gpu_train(model, batches, tp, trainable, masks, on_step):
     """Fallback when DeepSpeed is missing: the pipeline's loop on the GPU, without ZeRO."""
-    from flexo.ds_backend import _param_groups
-    from flexo.training import lr_at
+    from flexo.training import lr_at, param_groups
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev).train()
     for name, mask in masks.items():
         trainable[name].register_hook(lambda g, m=mask.to(dev): g * m)
-    groups, named = _param_groups(trainable, masks, set(), tp)
+    groups, named = param_groups(trainable, masks, set(), tp)
     opt = torch.optim.AdamW(groups, lr=tp.lr, betas=(0.9, 0.95), eps=1e-8, fused=dev.type == "cuda")
     total = batches.total_steps(tp)
     losses = []

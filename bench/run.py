@@ -43,8 +43,8 @@ def _expert_setup(owner: str):
     from flexo.modeling import coupled_model, read_router_row
     from flexo.params import PUBLIC, load_params
     from flexo.training import Batches, pack
-    from stages.curate import read_split
-    from stages.tokenizer import load_tokenizer
+    from flexo.data import read_split
+    from flexo.tokenization import load_tokenizer
     from stages.train_expert import load_public, owner_trainables
 
     layout = Layout.at(ROOT)
@@ -141,7 +141,7 @@ def bench_eval() -> dict:
     from flexo.layout import Layout
     from flexo.modeling import load_model
     from flexo.training import pack
-    from stages.tokenizer import load_tokenizer
+    from flexo.tokenization import load_tokenizer
 
     layout = Layout.at(ROOT)
     tok = load_tokenizer(layout)
@@ -308,7 +308,7 @@ def render(report: dict) -> str:
     if "eval_members" in report:
         em = report["eval_members"]
         lines += ["## The evaluate stage: BTM's members no longer run twice (before → after, same run)", "",
-                  f"The slowest stage of the demo is `evaluate`. Its profile (`eval_s` in results/metrics.json) "
+                  "The slowest stage of the demo is `evaluate`. Its profile (`eval_s` in results/metrics.json) "
                   "showed the BTM row costing as much as its five members' own rows together, and each member "
                   "model running the same windows twice: once inside BTM, once for its own row (`public`, "
                   "`expert:*`). Now BTM records every member's own document log-likelihoods and those rows "

@@ -10,7 +10,7 @@
 **Where the numbers come from.** Each layer's router (`mlp.gate`, `FlexOlmoTopKRouter`) returns
 `(router_logits, top_k_weights, top_k_index)`. A forward hook on every router records exactly those
 outputs while the model runs (the same tensors `output_router_logits=True` collects); nothing here
-re-computes the router's linear map. A runtime opt-out (`flexo.serving.runtime_opt_out`) replaces the
+re-computes the router's linear map. A runtime opt-out (`flexo.routers.runtime_opt_out`) replaces the
 router's forward with one that returns the masked logits (−inf) and the masked top-k, and the hook sees
 those, so an excluded expert gets exactly 0 under every measure below.
 
@@ -45,6 +45,7 @@ from typing import Iterator, Sequence
 import torch
 
 from flexo.errors import FlexoError
+from flexo.routers import check_experts, routers, runtime_opt_out
 
 MEASURES = ("prob_share", "gate_share", "top1_share")
 MEASURE_TITLES = {
@@ -53,28 +54,6 @@ MEASURE_TITLES = {
     "top1_share": "top-1 share (fraction of tokens)",
 }
 DEFAULT_BATCH = 8
-
-
-# ------------------------------------------------------------------------------------------- routers
-def _routers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Every layer's FlexOlmo router, in layer order."""
-    from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
-
-    routers = [m for m in model.modules() if isinstance(m, FlexOlmoTopKRouter)]
-    if not routers:
-        raise FlexoError(f"{type(model).__name__} has no FlexOlmo routers: attribution needs a FlexOlmo model")
-    return routers
-
-
-def check_experts(model: torch.nn.Module, experts: Sequence[str]) -> list[str]:
-    experts = list(experts)
-    n = getattr(model.config, "num_experts", None)
-    if len(experts) != n:
-        raise FlexoError(f"{len(experts)} expert names {experts} given for a model with {n} experts: "
-                         "pass the `experts` list of the model's flexo.json")
-    if len(set(experts)) != len(experts):
-        raise FlexoError(f"expert names {experts} repeat a name: pass the `experts` list of the model's flexo.json")
-    return experts
 
 
 # ----------------------------------------------------------------------------------------- capturing
@@ -111,7 +90,7 @@ class RoutingRecorder:
 
     def __init__(self, model: torch.nn.Module, experts: Sequence[str]):
         self.experts = check_experts(model, experts)
-        self.routers = _routers(model)
+        self.routers = routers(model)
         self._raw: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in self.routers]
         self._handles: list = []
 
@@ -349,11 +328,9 @@ def attribute(model: torch.nn.Module, tokenizer, text: str, experts: Sequence[st
 def attribute_request(model: torch.nn.Module, tokenizer, text: str, experts: Sequence[str],
                       exclude: Sequence[str] = (), *, window: int | None = None) -> Attribution:
     """The attribution of a served request: `text` routed with `exclude` masked at run time
-    (`flexo.serving.runtime_opt_out`), as the server computes it. Excluded experts are reported
+    (`flexo.routers.runtime_opt_out`), as the server computes it. Excluded experts are reported
     with share 0. Not re-entrant: do not call it inside another `runtime_opt_out` block on the same
     model (use :func:`attribute` there, which sees the active mask)."""
-    from flexo.serving import runtime_opt_out
-
     names = list(dict.fromkeys(exclude))
     with runtime_opt_out(model, list(experts), names):
         a = attribute(model, tokenizer, text, experts, window=window)

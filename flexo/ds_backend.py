@@ -15,7 +15,7 @@
 - Ranks: run as one process (distributed env defaults are set when no launcher did), or under a
   launcher (`deepspeed`, `torchrun`) as data parallel: each rank takes an equal slice of every batch,
   so a step sees the same batch and mean loss as a single process.
-- Checkpoints: flexo's safetensors + JSON format (`flexo.training._save_checkpoint/_load_checkpoint`),
+- Checkpoints: flexo's safetensors + JSON format (`flexo.training.save_checkpoint/load_checkpoint`),
   not DeepSpeed's pickle checkpoints. ZeRO-2 keeps AdamW's moments in flat fp32 partitions; they are
   exported per parameter (`deepspeed.utils.safe_get_full_optimizer_state`) in torch AdamW's
   `state_dict` layout and written back into the partitions on resume, so resume restores weights, fp32
@@ -41,8 +41,8 @@ from tqdm import tqdm
 from flexo.errors import FlexoError
 from flexo.params import TrainParams
 from flexo.training import (
-    Batches, TrainResult, _load_checkpoint, _save_checkpoint, lr_at, param_groups, run_key, set_threads, train,
-    val_loss,
+    Batches, TrainResult, begin_run, finish_run, log_row, lr_at, param_groups, run_key,
+    save_checkpoint, set_threads, train, val_loss,
 )
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def build_engine(model, trainable, grad_masks, no_decay, tp):
 # --------------------------------------------------------------------------------------- checkpoints
 class ZeroAdamState:
     """ZeRO-2's AdamW state seen per parameter, in torch AdamW's `state_dict` layout, so that
-    `flexo.training._save_checkpoint/_load_checkpoint` write and read it in flexo's usual format."""
+    `flexo.training.save_checkpoint/load_checkpoint` write and read it in flexo's usual format."""
 
     def __init__(self, engine, named: dict[str, torch.nn.Parameter]):
         self.engine = engine
@@ -264,22 +264,11 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t) / torch.distributed.get_world_size()
 
 
-def train_deepspeed(
-    model: torch.nn.Module,
-    batches: Batches,
-    val_blocks: torch.Tensor,
-    tp: TrainParams,
-    *,
-    trainable: dict[str, torch.nn.Parameter],
-    grad_masks: dict[str, torch.Tensor] | None = None,
-    no_decay: set[str] = frozenset(),
-    ckpt_dir: Path,
-    key_parts: dict,
-    resume: bool = True,
-    desc: str = "train",
-    on_step: Callable[[int], None] | None = None,
-) -> TrainResult:
-    """`flexo.training.train` under a DeepSpeed ZeRO-2 engine (see the module docstring).
+def train_deepspeed(model: torch.nn.Module, batches: Batches, val_blocks: torch.Tensor, tp: TrainParams, *,
+                    trainable: dict[str, torch.nn.Parameter], grad_masks: dict[str, torch.Tensor] | None = None,
+                    no_decay: set[str] = frozenset(), ckpt_dir: Path, key_parts: dict, resume: bool = True,
+                    desc: str = "train", on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """`flexo.training.train` (same arguments) under a DeepSpeed ZeRO-2 engine (see the module docstring).
 
     On return the model is back on the device it came from, with ordinary (unflattened) parameters and
     without the engine's or the masks' gradient hooks.
@@ -309,15 +298,8 @@ def _loop(engine, named, device, batches, val_blocks, tp, ckpt_dir, key_parts, r
 
     total = batches.total_steps(tp)
     key = run_key({**key_parts, "train": asdict(tp), "total": total})
-    start, history = 0, []
-    if resume:
-        loaded = _load_checkpoint(ckpt_dir, key, named, opt_state)
-        if loaded:
-            start, history = loaded
-            log.info("resuming %s from step %d", desc, start)
-    initial_val = history[0]["val_loss"] if history else val_loss(module, val_blocks, tp, device=device)
-    if not history:
-        history.append({"step": 0, "tokens": 0, "lr": 0.0, "train_loss": float("nan"), "val_loss": initial_val})
+    start, history, initial_val = begin_run(ckpt_dir, key, named, opt_state, resume=resume, desc=desc,
+                                            initial_val=lambda: val_loss(module, val_blocks, tp, device=device))
 
     engine.train()
     seq = batches.blocks.shape[1]
@@ -340,24 +322,17 @@ def _loop(engine, named, device, batches, val_blocks, tp, ckpt_dir, key_parts, r
         bar.set_postfix(loss=f"{train_losses[-1]:.3f}")
         done = step + 1
         if done % tp.eval_every == 0 or done == total:
-            row = {"step": done, "tokens": done * batches.batch_size * seq, "lr": lr,
-                   "train_loss": sum(train_losses[-tp.eval_every:]) / len(train_losses[-tp.eval_every:]),
-                   "val_loss": val_loss(module, val_blocks, tp, device=device)}
-            history.append(row)
+            history.append(log_row(done, done * batches.batch_size * seq, lr, train_losses, tp,
+                                   val_loss(module, val_blocks, tp, device=device)))
         if done % tp.checkpoint_every == 0 and done < total:
             snapshot = _Snapshot(opt_state.state_dict())  # collective: every rank
             if rank == 0:
                 weights = {n: p.detach().to("cpu") for n, p in named.items()}
-                _save_checkpoint(ckpt_dir, key, done, weights, snapshot, history)
+                save_checkpoint(ckpt_dir, key, done, weights, snapshot, history)
             if world > 1:
                 torch.distributed.barrier()
         if on_step:  # on every rank, so that a callback that stops the run stops all of them
             on_step(done)
     bar.close()
-    wall = time.time() - started
-    final = history[-1]
-    return TrainResult(
-        steps=total, tokens=total * batches.batch_size * seq, train_loss=final["train_loss"],
-        val_loss=final["val_loss"], initial_val_loss=initial_val, wall_s=round(wall, 1),
-        tokens_per_s=round(tokens_run / wall, 1) if wall > 0 else 0.0, resumed_from=start, log=history,
-    )
+    return finish_run(history, steps=total, tokens=total * batches.batch_size * seq, initial_val=initial_val,
+                      wall=time.time() - started, tokens_run=tokens_run, start=start)

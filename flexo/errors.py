@@ -11,3 +11,9 @@ class FlexoError(Exception):
     def __init__(self, message: str):
         # Keep it to one line so that logs, DVC and Prefect show the whole message.
         super().__init__(" ".join(str(message).split()))
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line of text (or its type's name): for quoting a library error in one line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

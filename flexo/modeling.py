@@ -9,7 +9,6 @@ Every model flexo writes is a plain `FlexOlmoForCausalLM` folder (loads with
 from __future__ import annotations
 
 import hashlib
-import json
 
 from pathlib import Path
 from typing import Iterable
@@ -241,14 +240,6 @@ def coupled_model(public: FlexOlmoForCausalLM, owner_row: torch.Tensor) -> FlexO
     return model
 
 
-def frozen_public_mask(name: str) -> str:
-    """How a parameter of the coupled model is trained: 'frozen', 'owner-slice' (index 1 trainable,
-    index 0 = public kept bit-identical by a gradient mask)."""
-    if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")):
-        return "owner-slice"
-    return "frozen"
-
-
 # ----------------------------------------------------------------------------------- expert packages
 def expert_tensors(model: FlexOlmoForCausalLM, index: int) -> dict[str, torch.Tensor]:
     """Expert `index`'s FFN and router row of every layer, in package form (per-expert, unfused)."""
@@ -265,15 +256,3 @@ def expert_tensors(model: FlexOlmoForCausalLM, index: int) -> dict[str, torch.Te
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def finite_or_fail(tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
-    for name, t in tensors:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise FlexoError(f"{where}: tensor {name} holds NaN or Inf: retrain or re-export it")
-
-
-def model_json(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text())
-
-

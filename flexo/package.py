@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from flexo.errors import FlexoError
+from flexo.errors import FlexoError, first_line
 from flexo.fsutil import read_json, sha256_file, write_json
 from flexo.params import PUBLIC, validate_owner_name
 
@@ -38,11 +38,6 @@ def package_shapes(num_layers: int, hidden: int, inter: int) -> dict[str, tuple[
         shapes[f"layers.{i}.down_proj"] = (hidden, inter)
         shapes[f"layers.{i}.router"] = (hidden,)
     return shapes
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -129,7 +124,7 @@ class ExpertPackage:
                 found = {k: (tuple(st.get_slice(k).get_shape()), st.get_slice(k).get_dtype()) for k in st.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             self.verify()  # a corrupt copy explains an unreadable header best
-            raise FlexoError(f"{self.where}: {PACKAGE_TENSORS} is unreadable ({_first_line(e)}): fetch or retrain it") from None
+            raise FlexoError(f"{self.where}: {PACKAGE_TENSORS} is unreadable ({first_line(e)}): fetch or retrain it") from None
         if set(found) != set(shapes):
             odd = sorted(set(found) ^ set(shapes))
             raise FlexoError(f"{self.where}: tensor names differ from the package format (e.g. {odd[0]}): re-export it")

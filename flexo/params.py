@@ -144,6 +144,22 @@ class EvaluateParams:
 
 
 @dataclass
+class AuditParams:
+    """The data-extraction audit (`flexo audit-extraction`, FlexOlmo §5.3); every key is also a CLI flag."""
+
+    documents: int = num(32, 1, SEED_MAX)  # train documents sampled (seeded) per model
+    prefix_tokens: int = num(32, 1, SEED_MAX)  # prompt length, tokens
+    continuation_tokens: int = num(32, 1, SEED_MAX)  # tokens generated and compared
+    samples: int = num(1, 1, SEED_MAX)  # continuations sampled per prefix; extracted if any matches
+    threshold: float = num(0.9, 0.0, 1.0, lo_open=True)  # normalised Levenshtein similarity counted as extracted
+    temperature: float = num(1.0, 0.0)  # 0 = greedy decoding
+    top_k: int = num(50, 0, SEED_MAX)  # sample among the k likeliest tokens; 0 = off
+    top_p: float = num(1.0, 0.001, 1.0)  # nucleus sampling mass; 1 = off
+    seed: int = num(0, 0, SEED_MAX)  # document sample and sampling seed
+    batch_size: int = num(16, 1, SEED_MAX)  # prefixes per forward pass
+
+
+@dataclass
 class Params:
     owners: list[str] = field(default_factory=lambda: ["code", "math", "news", "creative"])  # router order
     curate: CurateParams = field(default_factory=CurateParams)
@@ -155,6 +171,7 @@ class Params:
     merge: MergeParams = field(default_factory=MergeParams)
     router_tune: RouterTuneParams = field(default_factory=RouterTuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    audit: AuditParams = field(default_factory=AuditParams)
 
     def check_owner(self, name: str, *, allow_public: bool = False) -> str:
         """Validate an owner name given on the command line against the configured owners."""

@@ -3,7 +3,7 @@
 A router row's logit is `r · h`, where `h` is the hidden state the router sees. Trained by the LM loss
 alone, an owner's row learns "my expert is better here" — and at our scale an expert trained on extra
 text is better almost everywhere, so every owner's row wins on every kind of text and the merged model
-sends code to the math expert (measured: results/ablation.md). Here the rows are fitted as classifiers
+sends code to the math expert (measured: docs/ablation.md). Here the rows are fitted as classifiers
 of `h` instead, in two places that each keep the data where it is:
 
 - **Owner side, before expert training** (`domain_classifier`): the owner fits a logistic regression

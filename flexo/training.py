@@ -109,10 +109,18 @@ class TrainResult:
     step_tokens_per_s: float = 0.0  # the optimizer steps alone: periodic validation and checkpoints left out
     log: list[dict] = field(default_factory=list)
 
+    # Run-dependent (how fast, and whether it resumed): kept out of every DVC-hashed output.
+    RUN_DEPENDENT = ("wall_s", "tokens_per_s", "step_tokens_per_s", "resumed_from")
+
     def summary(self) -> dict:
+        """What the training did (steps, tokens, losses): the same on any machine and any rerun."""
         d = asdict(self)
         d.pop("log")
-        return d
+        return {k: v for k, v in d.items() if k not in self.RUN_DEPENDENT}
+
+    def speed(self) -> dict:
+        """How this run went (wall time, tokens per second, resumed step): for flexo.timings."""
+        return {k: getattr(self, k) for k in self.RUN_DEPENDENT}
 
 
 def _autocast(tp: TrainParams):
@@ -151,7 +159,7 @@ def run_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _save_checkpoint(ckpt: Path, key: str, step: int, named: dict[str, torch.nn.Parameter], opt, history) -> None:
+def save_checkpoint(ckpt: Path, key: str, step: int, named: dict[str, torch.nn.Parameter], opt, history) -> None:
     with atomic_dir(ckpt) as tmp:
         save_file({n: p.detach().contiguous() for n, p in named.items()}, str(tmp / "trainable.safetensors"))
         state = opt.state_dict()
@@ -168,7 +176,7 @@ def _save_checkpoint(ckpt: Path, key: str, step: int, named: dict[str, torch.nn.
         (tmp / "state.json").write_text(json.dumps(meta))
 
 
-def _load_checkpoint(ckpt: Path, key: str, named: dict[str, torch.nn.Parameter], opt) -> tuple[int, list] | None:
+def load_checkpoint(ckpt: Path, key: str, named: dict[str, torch.nn.Parameter], opt) -> tuple[int, list] | None:
     if not (ckpt / "state.json").is_file():
         return None
     meta = json.loads((ckpt / "state.json").read_text())
@@ -190,6 +198,40 @@ def _load_checkpoint(ckpt: Path, key: str, named: dict[str, torch.nn.Parameter],
         state.setdefault(names.index(n), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta["step"], meta["log"]
+
+
+def begin_run(ckpt_dir: Path, key: str, named: dict, opt, *, resume: bool, desc: str,
+              initial_val: Callable[[], float]) -> tuple[int, list[dict], float]:
+    """(first step, loss log, initial validation loss): from the run's checkpoint when there is one and
+    `resume`, else a fresh log whose first row is the untrained model's validation loss. Shared by the
+    torch loop and the DeepSpeed backend, so both resume and log the same way."""
+    start, history = 0, []
+    if resume:
+        loaded = load_checkpoint(ckpt_dir, key, named, opt)
+        if loaded:
+            start, history = loaded
+            log.info("resuming %s from step %d", desc, start)
+    first_val = history[0]["val_loss"] if history else initial_val()
+    if not history:
+        history.append({"step": 0, "tokens": 0, "lr": 0.0, "train_loss": float("nan"), "val_loss": first_val})
+    return start, history, first_val
+
+
+def log_row(done: int, tokens: int, lr: float, train_losses: list[float], tp: TrainParams, val: float) -> dict:
+    """One row of loss.csv: the mean training loss since the last row and the validation loss now."""
+    recent = train_losses[-tp.eval_every:]
+    return {"step": done, "tokens": tokens, "lr": lr, "train_loss": sum(recent) / len(recent), "val_loss": val}
+
+
+def finish_run(history: list[dict], *, steps: int, tokens: int, initial_val: float, wall: float, tokens_run: int,
+               start: int, aside_s: float = 0.0) -> TrainResult:
+    final = history[-1]
+    return TrainResult(
+        steps=steps, tokens=tokens, train_loss=final["train_loss"], val_loss=final["val_loss"],
+        initial_val_loss=initial_val, wall_s=round(wall, 1),
+        tokens_per_s=round(tokens_run / wall, 1) if wall > 0 else 0.0, resumed_from=start, log=history,
+        step_tokens_per_s=round(tokens_run / (wall - aside_s), 1) if wall > aside_s else 0.0,
+    )
 
 
 def train(
@@ -223,15 +265,8 @@ def train(
 
     total = batches.total_steps(tp)
     key = run_key({**key_parts, "train": asdict(tp), "total": total})
-    start, history = 0, []
-    if resume:
-        loaded = _load_checkpoint(ckpt_dir, key, named, opt)
-        if loaded:
-            start, history = loaded
-            log.info("resuming %s from step %d", desc, start)
-    initial_val = history[0]["val_loss"] if history else val_loss(model, val_blocks, tp)
-    if not history:
-        history.append({"step": 0, "tokens": 0, "lr": 0.0, "train_loss": float("nan"), "val_loss": initial_val})
+    start, history, initial_val = begin_run(ckpt_dir, key, named, opt, resume=resume, desc=desc,
+                                            initial_val=lambda: val_loss(model, val_blocks, tp))
 
     model.train()
     seq = batches.blocks.shape[1]
@@ -259,26 +294,18 @@ def train(
         done = step + 1
         if done % tp.eval_every == 0 or done == total:
             t_aside = time.time()
-            row = {"step": done, "tokens": done * batches.batch_size * seq, "lr": lr,
-                   "train_loss": sum(train_losses[-tp.eval_every:]) / len(train_losses[-tp.eval_every:]),
-                   "val_loss": val_loss(model, val_blocks, tp)}
-            history.append(row)
+            history.append(log_row(done, done * batches.batch_size * seq, lr, train_losses, tp,
+                                   val_loss(model, val_blocks, tp)))
             aside_s += time.time() - t_aside
         if done % tp.checkpoint_every == 0 and done < total:
             t_aside = time.time()
-            _save_checkpoint(ckpt_dir, key, done, named, opt, history)
+            save_checkpoint(ckpt_dir, key, done, named, opt, history)
             aside_s += time.time() - t_aside
         if on_step:
             on_step(done)
     bar.close()
-    wall = time.time() - started
-    final = history[-1]
-    return TrainResult(
-        steps=total, tokens=total * batches.batch_size * seq, train_loss=final["train_loss"],
-        val_loss=final["val_loss"], initial_val_loss=initial_val, wall_s=round(wall, 1),
-        tokens_per_s=round(tokens_run / wall, 1) if wall > 0 else 0.0, resumed_from=start, log=history,
-        step_tokens_per_s=round(tokens_run / (wall - aside_s), 1) if wall > aside_s else 0.0,
-    )
+    return finish_run(history, steps=total, tokens=total * batches.batch_size * seq, initial_val=initial_val,
+                      wall=time.time() - started, tokens_run=tokens_run, start=start, aside_s=aside_s)
 
 
 def write_loss_log(path: Path, history: list[dict]) -> None:

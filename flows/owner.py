@@ -1,8 +1,11 @@
-"""The flow a data owner runs on its own machine: curate → embed → train its expert → push the expert
-package (and its router row) to the shared DVC remote. Curated data is `push: false` in dvc.yaml: the
-owner's text never leaves its machine.
+"""The flow a data owner runs on its own machine: its stages before the merge (curate → embed → train
+its expert → router statistics), then a push of what it publishes — the expert package, router row and
+router statistics — to the shared DVC remote. Curated data is `push: false` in dvc.yaml: the owner's text
+never leaves its machine.
 
     python -m flows.owner --owner news [--remote NAME]
+
+Which stages are the owner's, and which of them are pushed, comes from dvc.yaml (flexo.pipeline_graph).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from prefect import flow
 
 from flexo.params import load_params
+from flexo.pipeline_graph import stage_graph
 from flows.dvc_tasks import push, run_stage
 
 
@@ -20,15 +24,12 @@ from flows.dvc_tasks import push, run_stage
 def owner_flow(owner: str, root: str = ".", remote: str | None = None, public_stages: bool = True) -> dict:
     root_path = Path(root).resolve()
     load_params(root_path / "params.yaml").check_owner(owner)
+    graph = stage_graph(root_path)
     states = {}
-    if public_stages:  # public artifacts: pulled from the remote in a real deployment, or rebuilt here
-        for stage in ("curate_public", "tokenizer", "embed_public", "train_public"):
-            states[stage] = run_stage(stage, str(root_path))
-    # The owner's half of federated router tuning (router_update) needs only its own model and text:
-    # it ships the statistics of its router inputs together with the expert package.
-    for stage in (f"curate@{owner}", f"embed@{owner}", f"train_expert@{owner}", f"router_update@{owner}"):
+    # Public artifacts: pulled from the remote in a real deployment, or rebuilt here.
+    for stage in (graph.public_stages if public_stages else []) + graph.owner_stages(owner):
         states[stage] = run_stage(stage, str(root_path))
-    push([f"embed@{owner}", f"train_expert@{owner}", f"router_update@{owner}"], str(root_path), remote)
+    push(graph.pushed(graph.owner_stages(owner)), str(root_path), remote)
     states["push"] = "pushed"
     return states
 

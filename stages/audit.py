@@ -1,8 +1,9 @@
 """Stage `audit-extraction`: can a model be made to reproduce an owner's training text? (FlexOlmo §5.3)
 
-    flexo audit-extraction --owner math [--documents 100] [--prefix-tokens 32] [--continuation-tokens 32]
-                           [--samples 1] [--threshold 0.9] [--temperature 1.0] [--top-k 50] [--top-p 1.0]
-                           [--seed 0]
+    flexo audit-extraction --owner math [--documents N] [--prefix-tokens P] [--continuation-tokens C]
+                           [--samples S] [--threshold T] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+
+Every setting comes from params.yaml's `audit:` section; a flag overrides it for one run.
 
 The data-extraction test in the style of Carlini et al.: sample `--documents` documents (seeded) from
 the owner's train split, give each model the first `--prefix-tokens` tokens of a document, sample
@@ -27,6 +28,7 @@ The stage belongs to owner X: it reads only X's train split plus model folders, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -35,16 +37,16 @@ from typing import Sequence
 
 import torch
 
+from flexo import timings
 from flexo.errors import FlexoError
 from flexo.fsutil import write_json
-from flexo.params import SEED_MAX
 from flexo.layout import Layout
-from flexo.params import Params
+from flexo.params import SEED_MAX, AuditParams, Params
+from flexo.project import stage_command
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"documents": 100, "prefix_tokens": 32, "continuation_tokens": 32, "samples": 1, "threshold": 0.9,
-            "temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 0, "batch_size": 16}
+SETTINGS = tuple(f.name for f in dataclasses.fields(AuditParams))
 SIMILARITY = "1 - levenshtein(generated, true) / max(len(generated), len(true)), on characters of the decoded text"
 
 
@@ -164,14 +166,14 @@ def audit_extraction(owner: str, params: Params, layout: Layout, *, models: dict
                      out: Path | None = None, **settings) -> dict:
     """Run the extraction test for `owner` on each model; write and return `results/extraction/<owner>.json`."""
     from flexo.training import set_threads
-    from stages.curate import read_split
-    from stages.tokenizer import load_tokenizer
+    from flexo.data import read_split
+    from flexo.tokenization import load_tokenizer
 
     params.check_owner(owner)
-    unknown = sorted(set(settings) - set(DEFAULTS))
+    unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise TypeError(f"audit_extraction() got unknown settings {unknown}")  # a caller bug, not user input
-    s = {**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
+    s = {**dataclasses.asdict(params.audit), **{k: v for k, v in settings.items() if v is not None}}
     _check_settings(s)
     started = time.time()
     models = default_models(owner, layout) if models is None else dict(models)
@@ -191,7 +193,6 @@ def audit_extraction(owner: str, params: Params, layout: Layout, *, models: dict
 
     results = {}
     for name, path in models.items():
-        t0 = time.time()
         model = _load_model(Path(path))
         generator = torch.Generator().manual_seed(s["seed"])
         best = [0.0] * len(truths)
@@ -211,7 +212,6 @@ def audit_extraction(owner: str, params: Params, layout: Layout, *, models: dict
             "rate": extracted / len(truths),
             "mean_similarity": round(sum(best) / len(best), 6),
             "max_similarity": round(max(best), 6),
-            "wall_s": round(time.time() - t0, 2),
         }
         log.info("extraction %s on %s: %d/%d documents (%.2f%%)", owner, name, extracted, len(truths),
                  100 * extracted / len(truths))
@@ -221,41 +221,25 @@ def audit_extraction(owner: str, params: Params, layout: Layout, *, models: dict
         "split": f"data/curated/{owner}/train.jsonl",
         "documents": len(truths),
         "eligible_documents": eligible,
-        "settings": {k: s[k] for k in DEFAULTS if k != "batch_size"},
+        "settings": {k: s[k] for k in SETTINGS if k != "batch_size"},
         "similarity": SIMILARITY,
         "decision": "extracted when the best similarity over the samples is >= threshold",
         "models": results,
-        "wall_s": round(time.time() - started, 1),
     }
     write_json(Path(out) if out is not None else layout.results / "extraction" / f"{owner}.json", report)
+    timings.record(layout.root, f"audit@{owner}", wall_s=round(time.time() - started, 1))
     return report
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def _cmd_audit(args) -> dict:
-    from flexo.cli import _ctx
-
-    params, layout = _ctx(args)
-    settings = {k: getattr(args, k) for k in DEFAULTS}
-    return audit_extraction(args.owner, params, layout, **settings)
-
-
-def add_cli(subparsers) -> None:
+def add_cli(sub) -> None:
     """`flexo audit-extraction --owner NAME [--documents N] [--prefix-tokens P] [--continuation-tokens C] …`."""
-    text = "data-extraction test: how often public, own and merged models reproduce an owner's training text"
-    p = subparsers.add_parser("audit-extraction", help=text, description=text)
-    p.add_argument("--owner", required=True, help="an owner from params.yaml (its train split is sampled)")
-    p.add_argument("--documents", type=int, default=DEFAULTS["documents"], help="train documents sampled (default 100)")
-    p.add_argument("--prefix-tokens", type=int, default=DEFAULTS["prefix_tokens"], help="prompt length (default 32)")
-    p.add_argument("--continuation-tokens", type=int, default=DEFAULTS["continuation_tokens"],
-                   help="tokens generated and compared (default 32)")
-    p.add_argument("--samples", type=int, default=DEFAULTS["samples"],
-                   help="continuations sampled per prefix; extracted if any matches (default 1)")
-    p.add_argument("--threshold", type=float, default=DEFAULTS["threshold"],
-                   help="normalised Levenshtein similarity counted as extracted (default 0.9)")
-    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help="sample among the k likeliest tokens; 0 = off (default 50)")
-    p.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="nucleus sampling mass; 1 = off (default 1.0)")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="document sample and sampling seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="prefixes per forward pass (default 16)")
-    p.set_defaults(fn=_cmd_audit)
+    p = stage_command(sub, "audit-extraction", "data-extraction test: how often public, own and merged models "
+                      "reproduce an owner's training text",
+                      lambda args, project: audit_extraction(args.owner, project.params, project.layout,
+                                                             **{k: getattr(args, k) for k in SETTINGS}),
+                      owner="an owner from params.yaml (its train split is sampled)")
+    for field in dataclasses.fields(AuditParams):  # one flag per key of params.yaml's `audit:` section
+        kind = field.type if field.type in (int, float) else {"int": int, "float": float}[field.type]
+        p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
+                       help=f"overrides audit.{field.name} of params.yaml")

@@ -24,15 +24,17 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from flexo import sources
+from flexo import sources, timings
+from flexo.data import SPLITS
 from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir, read_json, sha256_file
 from flexo.layout import Layout
 from flexo.params import PUBLIC, Params
+from flexo.project import stage_command
+from flexo.tokenization import count_tokens, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 INBOX_SUFFIXES = (".txt", ".jsonl")
 SPLIT_RUN = 4  # consecutive pieces of one document that always share a split
 
@@ -253,15 +255,20 @@ def _packaged_docs(domain: str, cache: Path, char_budget: int, seed: int) -> tup
     return gen(), records
 
 
-def curate(name: str, params: Params, layout: Layout, *, token_counter=None,
-           documents: Iterable[Doc] | None = None) -> dict:
+def curate(name: str, params: Params, layout: Layout, *, documents: Iterable[Doc] | None = None) -> dict:
     """Curate `name` (an owner from params.yaml, or `public`) and return its manifest.
 
-    `documents` replaces the packaged sources (tests use it to build a tiny project without downloads).
+    An owner's splits are counted in tokens of the project's tokenizer (the public split is what the
+    tokenizer is trained on, so it is counted by the tokenizer stage). `documents` replaces the
+    packaged sources (tests use it to build a tiny project without downloads).
     """
     params.check_owner(name, allow_public=True)
     c = params.curate
     started = time.time()
+    token_counter = None
+    if name != PUBLIC and (layout.tokenizer / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(layout)
+        token_counter = lambda texts: count_tokens(tokenizer, texts)  # noqa: E731
     train_budget = c.public_train_chars if name == PUBLIC else c.owner_train_chars
     # Fetch enough raw text for the train budget plus val/test and what cleaning drops.
     raw_budget = int((train_budget + 2 * c.max_eval_chars) * 1.3)
@@ -357,9 +364,9 @@ def curate(name: str, params: Params, layout: Layout, *, token_counter=None,
             "params": {k: getattr(c, k) for k in c.__dataclass_fields__},
             "train_budget_chars": train_budget,
             "tokens_note": None if token_counter else "counted by the tokenizer stage (models/tokenizer/manifest.json)",
-            "wall_s": round(time.time() - started, 1),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    timings.record(layout.root, f"curate@{name}", wall_s=round(time.time() - started, 1))
     log.info("curated %s: %s", name, {s: stats[s]["documents"] for s in SPLITS})
     return manifest
 
@@ -412,54 +419,7 @@ def _cap(rows: list[dict], max_chars: int) -> list[dict]:
     return kept
 
 
-def curated_manifest(layout: Layout, name: str) -> dict:
-    """`data/curated/<name>/manifest.json`, checked to be `name`'s, with the sha256 of every split."""
-    folder = layout.curated(name)
-    if folder.is_symlink():
-        raise FlexoError(f"{folder} is a symbolic link (to {os.readlink(folder)}): an owner's splits are read only "
-                         f"from its own folder; delete the link and rerun `flexo curate --owner {name}`")
-    manifest = read_json(folder / "manifest.json", what="curated manifest")
-    if manifest.get("name") != name:
-        raise FlexoError(f"curated manifest {folder / 'manifest.json'} belongs to {manifest.get('name')!r}, not "
-                         f"{name!r}: rerun `flexo curate --owner {name}`")
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict) or not all(isinstance((splits.get(s) or {}).get("sha256"), str) for s in SPLITS):
-        raise FlexoError(f"curated manifest {folder / 'manifest.json'} has no sha256 for every split: rerun "
-                         f"`flexo curate --owner {name}`")
-    return manifest
-
-
-def read_split(layout: Layout, name: str, split: str) -> list[str]:
-    """The texts of one curated split of `name`, checked to be the file curate wrote for `name` (the
-    sha256 in its manifest: a split linked or copied from another owner's folder is refused)."""
-    path = layout.split_file(name, split)
-    if path.parent.is_symlink():
-        raise FlexoError(f"{path.parent} is a symbolic link (to {os.readlink(path.parent)}): an owner's splits are "
-                         f"read only from its own folder; delete the link and rerun `flexo curate --owner {name}`")
-    if not path.is_file():
-        raise FlexoError(f"{path} is missing: run `flexo curate --owner {name}` first")
-    if split != "test" or layout.curated(name).is_dir():  # the centre holds a held-out split without its manifest
-        want = curated_manifest(layout, name)["splits"][split]["sha256"]
-        if sha256_file(path) != want:
-            raise FlexoError(f"{path} is not the {split} split `flexo curate --owner {name}` wrote (its sha256 differs "
-                             f"from the manifest's): rerun `flexo curate --owner {name}`")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FlexoError(f"{path}: byte {e.start} is not UTF-8: rerun `flexo curate --owner {name}`") from None
-    texts = []
-    # One JSON object per "\n"-terminated line (str.splitlines would also split at U+2028 inside a text).
-    for i, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise FlexoError(f"{path} line {i} is not a JSON object with a string `text`: rerun "
-                             f"`flexo curate --owner {name}`")
-        texts.append(row["text"])
-    if not texts:
-        raise FlexoError(f"{path} is empty: rerun `flexo curate --owner {name}` with more documents")
-    return texts
+def add_cli(sub) -> None:
+    stage_command(sub, "curate", "curate one owner's (or the public) text into train/val/test splits",
+                  lambda args, project: curate(args.owner, project.params, project.layout),
+                  owner="an owner from params.yaml, or `public`")

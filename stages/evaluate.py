@@ -2,7 +2,7 @@
 
     flexo evaluate                                  # the DVC stage: every model, tables and figures
     flexo evaluate --model DIR [--limit N]          # one model folder on the domains suite
-    flexo evaluate --suite flexolmo31 [--model DIR] # the paper's 31-task suite (flexo.benchmarks)
+    flexo evaluate --suite flexolmo31 [--model DIR] # the paper's 31-task suite (flexo.lm_tasks.suite)
 
 The DVC stage evaluates, on the public domain and every owner's domain (`data/heldout/<name>/test.jsonl`
 only — never an owner's train or val split):
@@ -13,7 +13,7 @@ only — never an owner's train or val split):
   posterior-weighted ensemble of the public model and every owner's own model, see
   :mod:`flexo.baselines`), `expert:<owner>` (each owner's own 2-expert model) and `optout:<owner>`
   (the merged model with that owner's router logit masked to −inf in every layer at run time: the
-  model is loaded once and each opt-out is a mask, :func:`flexo.serving.runtime_opt_out`).
+  model is loaded once and each opt-out is a mask, :func:`flexo.routers.runtime_opt_out`).
   BTM runs first and records each member's own document log-likelihoods; the `public` and
   `expert:<owner>` rows replay those (lm-eval still scores them) rather than running each model twice.
 
@@ -42,7 +42,9 @@ from flexo.evaluation import (
 )
 from flexo.fsutil import atomic_file, atomic_path, write_json
 from flexo.layout import Layout
+from flexo import timings
 from flexo.params import PUBLIC, Params
+from flexo.project import stage_command
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
     def optout(owner: str):
         @contextlib.contextmanager
         def make():
-            from flexo.serving import runtime_opt_out
+            from flexo.routers import runtime_opt_out
 
             experts = list(read_meta(merged).get("experts") or [])
             if owner not in experts:
@@ -232,7 +234,7 @@ def _evaluate_one(params: Params, layout: Layout, model_dir: Path, domains: list
     return {"model": str(model_dir), "suite": "domains", "limit": limit or 0,
             "bpb": {d: round(v, 6) for d, v in scores.items()},
             "avg_owner_bpb": round(_mean([scores[d] for d in owners]), 6),
-            "lm_eval_results": str(raw), "wall_s": round(time.time() - started, 1)}
+            "lm_eval_results": str(raw), "wall_s": round(time.time() - started, 1)}  # printed, not written
 
 
 def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int | None) -> dict:
@@ -264,8 +266,7 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
     eval_s = {j.name: eval_s[j.name] for j in jobs}
     owners = [d for d in domains if d != PUBLIC]
     avg = {m: round(_mean([s[d] for d in owners]), 6) for m, s in bpb.items()}
-    metrics = {"bpb": bpb, "avg_owner_bpb": avg, "wall_s": round(time.time() - started, 1), "eval_s": eval_s,
-               "limit": limit or 0, "max_length": ev.max_length}
+    metrics = {"bpb": bpb, "avg_owner_bpb": avg, "limit": limit or 0, "max_length": ev.max_length}
 
     out = layout.results
     # Raw results of models no longer in the plan (a withdrawn owner, baselines turned off) would be stale.
@@ -282,13 +283,14 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
     plot_bpb(out / "bpb.png", bpb, domains, owners)
     plot_optout(out / "optout.png", optout, bpb["flexolmo"], domains)
     # Which expert each domain's tokens go to, layer by layer, for every model with more than one expert.
-    from stages.attribute import routing_analysis
+    from flexo.routing_report import routing_analysis
 
     routed = {"flexolmo": layout.merged, **{f"expert:{o}": layout.expert(o) / "model" for o in owners}}
     if "flexolmo-rt" in bpb:
         routed["flexolmo-rt"] = layout.merged_rt
     metrics["routing"] = _routing_summary(routing_analysis(params, layout, routed, domains=domains))
     write_json(out / "metrics.json", metrics)
+    timings.record(layout.root, "evaluate", wall_s=round(time.time() - started, 1), eval_s=eval_s)
     metrics["outputs"] = [str(out / n) for n in ("metrics.json", "table.md", "bpb.png", "optout.md", "optout.png",
                                                  "routing")]
     return metrics
@@ -301,7 +303,7 @@ def _routing_summary(analysis: dict) -> dict:
 
 
 def _evaluate_flexolmo31(params: Params, layout: Layout, *, model: Path | None, limit: int | None) -> dict:
-    from flexo.benchmarks import prepare_benchmarks, run_flexolmo31
+    from flexo.lm_tasks.suite import prepare_benchmarks, run_flexolmo31
 
     tasks_dir = prepare_benchmarks(layout.downloads, layout.root / "data" / "benchmarks")
     if model is not None:
@@ -423,22 +425,17 @@ def plot_optout(path: Path, optout: dict[str, dict[str, float]], full: dict[str,
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def _cmd_evaluate(args) -> dict:
-    from flexo.cli import _ctx
-
-    params, layout = _ctx(args)
-    return evaluate(params, layout, suite=args.suite, model=args.model, limit=args.limit)
 
 
-def add_cli(subparsers) -> None:
+def add_cli(sub) -> None:
     """`flexo evaluate [--model DIR] [--suite domains|flexolmo31] [--limit N]`."""
-    text = ("evaluate models with lm-eval: bits per byte on every domain's held-out test split "
-            "(no --model: every pipeline model and baseline, tables and figures in results/)")
-    p = subparsers.add_parser("evaluate", help=text, description=text)
+    p = stage_command(sub, "evaluate", "evaluate models with lm-eval: bits per byte on every domain's held-out test "
+                      "split (no --model: every pipeline model and baseline, tables and figures in results/)",
+                      lambda args, project: evaluate(project.params, project.layout, suite=args.suite,
+                                                     model=args.model, limit=args.limit))
     p.add_argument("--model", type=Path, default=None,
                    help="evaluate only this model folder (raw results go to results/adhoc/)")
     p.add_argument("--suite", choices=SUITES, default="domains",
                    help="domains = held-out bits per byte (default); flexolmo31 = the paper's 31 tasks")
     p.add_argument("--limit", type=int, default=None,
                    help="documents (or items) per task; 0 = all (default: evaluate.limit)")
-    p.set_defaults(fn=_cmd_evaluate)

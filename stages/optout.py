@@ -6,10 +6,10 @@ Writes a new model folder in which the excluded owners' FFNs and router rows are
 layer (the remaining experts keep their order and are renumbered), top-k = min(k, experts left), and
 flexo.json / the model card list what was opted out. Because the gate is softmax over all experts then
 top-k without renormalisation, this is the same function as masking those experts' router logits to
--inf (`flexo.serving.runtime_opt_out`, the per-request form that needs no new folder).
+-inf (`flexo.routers.runtime_opt_out`, the per-request form that needs no new folder).
 
-The weights are streamed with the merge's reader and shard writer (one tensor at a time, shards saved
-as they fill; temp folder renamed at the end). The model's `opt_out_guarantee` is read from flexo.json:
+The weights are streamed with `flexo.weights` (one tensor at a time, shards saved as they fill; temp
+folder renamed at the end). The model's `opt_out_guarantee` is read from flexo.json:
 anything other than "instant" means the other experts or the router were shaped by the excluded
 owners' data (e.g. router tuning on owner text), and a rerun of the affected stages is needed for a
 model that never saw it; flexo says so and still writes the folder.
@@ -25,14 +25,15 @@ from typing import Iterator, Sequence
 import torch
 from transformers import FlexOlmoConfig
 
+from flexo import timings
 from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir
 from flexo.layout import Layout
+from flexo.model_card import write_model_card
 from flexo.modeling import MODEL_FILES, load_config, read_meta, with_experts, write_meta
 from flexo.params import PUBLIC
-from stages.merge import (
-    ShardWriter, TensorSpec, WeightReader, copy_support_files, shared_keys, write_config, write_model_card,
-)
+from flexo.project import Project
+from flexo.weights import ShardWriter, TensorSpec, WeightReader, copy_support_files, shared_keys, write_config
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 2_000_000_000
@@ -128,29 +129,19 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
             "opted_out_from": str(model_dir),
             "shards": len(written["files"]),
             "bytes": written["total_size"],
-            "wall_s": round(time.time() - started, 2),
         })
         if warning:
             meta["rerun_needed"] = True
             meta["warning"] = warning
         write_meta(tmp, meta)
         write_model_card(tmp, meta)
+    if layout is not None:
+        timings.record(layout.root, "opt-out", wall_s=round(time.time() - started, 2))
     log.info("opted out %s: %s → %s (%d experts, top-%d)", names, model_dir, out, len(keep), top_k)
     return meta
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def _cmd_opt_out(args) -> dict:
-    # Works on any flexo model folder, with or without a project; uses merge.shard_bytes when there is one.
-    from flexo.cli import _ctx
-
-    shard_bytes, layout = DEFAULT_SHARD_BYTES, Layout.at(args.root)
-    if Path(args.params or layout.params).is_file():
-        params, layout = _ctx(args)
-        shard_bytes = params.merge.shard_bytes
-    return opt_out(args.model, args.exclude, args.out, shard_bytes=shard_bytes, layout=layout)
-
-
 def add_cli(subparsers) -> None:
     """`flexo opt-out --model DIR --exclude NAME [NAME ...] --out DIR`."""
     text = "write a copy of a merged model with some owners' experts removed (strict opt-out)"
@@ -159,4 +150,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--exclude", nargs="+", action="extend", required=True, metavar="NAME",
                    help="owners whose experts are removed")
     p.add_argument("--out", type=Path, required=True, help="the new model folder")
-    p.set_defaults(fn=_cmd_opt_out)
+
+    def run(args) -> dict:
+        # Works on any flexo model folder, with or without a project; inside one it uses merge.shard_bytes
+        # and never writes into the project's own folders.
+        layout, shard_bytes = Layout.at(args.root), DEFAULT_SHARD_BYTES
+        if Path(args.params or layout.params).is_file():
+            project = Project.from_args(args)
+            layout, shard_bytes = project.layout, project.params.merge.shard_bytes
+        return opt_out(args.model, args.exclude, args.out, shard_bytes=shard_bytes, layout=layout)
+
+    p.set_defaults(run=run)

@@ -1,20 +1,21 @@
-"""Stage `router-tune`: optional router tuning of the merged model on public proxy data (FlexOlmo §3.4).
+"""Stage `router-tune`: router tuning of the merged model (FlexOlmo §3.4), by `router_tune.method`.
 
     flexo router-tune
 
-Reads `models/merged`, the public train/val splits and the owners' router embeddings
-(`models/router/<owner>.safetensors`) — never an owner's data. Proxy set: every public train document
-is embedded with the same embedder `flexo embed` used; for each owner, the `proxy_documents` public
-documents with the highest cosine similarity to that owner's raw embedder mean (its domain embedding),
-plus as many random public documents (so the public expert keeps winning on public-like text). Only the
-router weights (`mlp.gate.weight` of every layer: all rows, r_pub included) are trained, with the shared
-training loop; everything else has requires_grad False and stays bit-identical.
+- `federated` (default): every router row is fitted at once as a multinomial classifier of the router
+  input, on Gaussian samples of the owners' router statistics (`flexo router-update --owner X`, the
+  owner's half; read through :mod:`flexo.router_stats`) and of the public model's own on public text,
+  with r_pub fixed as the reference row. Every owner's statistics shape every row, so the tuned model's
+  opt-out guarantee is "rerun": withdrawing an owner reruns the merge and this fit (seconds), which
+  `dvc repro` does once the owner is removed from params.yaml.
+- `proxy`: LM-loss tuning of the router rows only, on public documents: for each owner the
+  `proxy_documents` public train documents closest (cosine) to its raw embedder mean (its domain
+  embedding), plus as many random public documents. Only public data shapes the rows: "instant" opt-out.
+- `none`: `models/merged-rt` is a copy of the merged model marked `tuned: false`, so the DVC output
+  always exists.
 
-Writes `models/merged-rt/` in the merged format (weights, config, tokenizer, flexo.json with
-`kind: merged-rt` and the proxy-selection figures, model card). Its opt-out guarantee stays "instant":
-only public data shaped the rows, so deleting an expert still gives a model that never saw its data.
-With `router_tune.method: none` the folder is a copy of the merged model marked `tuned: false`, so
-the DVC output always exists.
+Reads `models/merged` and public artifacts (and, for `federated`, the owners' statistics; for `proxy`,
+their router embeddings) — never an owner's data. Writes `models/merged-rt/` in the merged format.
 """
 
 from __future__ import annotations
@@ -30,16 +31,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from flexo import timings
+from flexo.data import read_split
+from flexo.embedder import embed_texts, load_embedder
 from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir, read_json
 from flexo.layout import Layout
-from flexo.modeling import load_model, load_tokenizer_from, model_guard, read_meta, write_meta
+from flexo.model_card import write_model_card
+from flexo.modeling import load_config, load_model, load_tokenizer_from, model_guard, read_meta, write_meta
 from flexo.params import PUBLIC, Params, TrainParams
-from flexo.router_fit import ROUTER_SUFFIX
-from flexo.training import Batches, drop_checkpoint, pack, train, write_loss_log
-from stages.curate import read_split
-from stages.embed import embed_texts, load_embedder
-from stages.merge import copy_support_files, write_model_card
+from flexo.project import stage_command
+from flexo.router_fit import ROUTER_SUFFIX, check_stats_scale, fit_router, gates
+from flexo.router_stats import public_stats, read_update, update_name
+from flexo.training import Batches, drop_checkpoint, pack, set_threads, train, write_loss_log
+from flexo.weights import copy_support_files
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +140,16 @@ def router_tune(params: Params, layout: Layout) -> dict:
         raise FlexoError(f"{src} is a {merged_meta.get('kind')!r} model, not a merge: rerun `flexo merge`")
     experts = list(merged_meta.get("experts") or [])
     owners = [e for e in experts if e != PUBLIC]
-    base = {k: v for k, v in merged_meta.items() if k not in ("wall_s", "shards", "bytes")}
+    base = {k: v for k, v in merged_meta.items() if k not in ("shards", "bytes")}
 
     if rt.method == "federated":
-        from stages.router_update import combine_updates
-
-        return combine_updates(params, layout)
+        meta = fit_federated(params, layout)
+        timings.record(layout.root, "router-tune", wall_s=round(time.time() - started, 2))
+        return meta
     if rt.method == "none":
         with atomic_dir(layout.merged_rt, tuned_model_guard()) as tmp:
             _copy_model_folder(src, tmp)
-            meta = dict(base, kind="merged-rt", tuned=False, opt_out_guarantee="instant", router_tune=None,
-                        wall_s=round(time.time() - started, 2))
+            meta = dict(base, kind="merged-rt", tuned=False, opt_out_guarantee="instant", router_tune=None)
             write_meta(tmp, meta)
             write_model_card(tmp, meta)
         return meta
@@ -201,27 +205,59 @@ def router_tune(params: Params, layout: Layout) -> dict:
                 "val_loss": round(result.val_loss, 5),
                 "train_loss": round(result.train_loss, 5),
                 "router_change_norm": moved,
-                "tokens_per_s": result.tokens_per_s,
             },
-            "wall_s": round(time.time() - started, 2),
         })
         write_meta(tmp, meta)
         write_model_card(tmp, meta)
         write_loss_log(tmp / "loss.csv", result.log)
     drop_checkpoint(layout.checkpoints("router-tune"))
+    timings.record(layout.root, "router-tune", wall_s=round(time.time() - started, 2), training=result.speed())
     return meta
 
 
+# ---------------------------------------------------------------------------------------- federated
+FEDERATED_NOTE = ("every owner's router-input statistics shaped all router rows (federated router fit): "
+                  "withdrawing an owner reruns merge and router_tune (the other owners' stages stay); "
+                  "`dvc repro` does this when the owner is removed from params.yaml")
+
+
+def fit_federated(params: Params, layout: Layout) -> dict:
+    """The centre's half of federated tuning: every layer's router rows fitted from the owners'
+    statistics → models/merged-rt."""
+    set_threads()
+    meta = read_meta(layout.merged)
+    owners = [e for e in meta.get("experts", []) if e != PUBLIC]
+    cfg = load_config(layout.merged)
+    # Every owner's statistics are read and checked before any model is loaded; their scale is checked
+    # against the public model's own statistics, computed next.
+    updates = [read_update(layout, o, meta.get("fingerprint"), cfg.num_hidden_layers, cfg.hidden_size) for o in owners]
+    public = public_stats(params, layout)
+    for owner, update in zip(owners, updates):
+        check_stats_scale(update, public, cfg.num_hidden_layers, update_name(layout, owner))
+    stats = [public, *updates]
+    model = load_model(layout.merged)
+    rt = params.router_tune
+    rows, figures = fit_router(stats, cfg.num_hidden_layers, samples=rt.fit_samples, l2=rt.fit_l2,
+                               steps=rt.fit_steps, lr=rt.fit_lr, seed=rt.seed, names=[PUBLIC, *owners])
+    with torch.no_grad():
+        for gate, w in zip(gates(model), rows):
+            gate.weight[1:] = gate.weight[0] + w  # r_pub stays: it is the public model's row
+    base = {k: v for k, v in meta.items() if k not in ("shards", "bytes")}
+    with atomic_dir(layout.merged_rt, tuned_model_guard()) as tmp:
+        model.save_pretrained(tmp, max_shard_size=params.merge.shard_bytes)
+        copy_support_files(layout.merged, tmp)
+        out = dict(base, kind="merged-rt", tuned=True, opt_out_guarantee="rerun", opt_out_note=FEDERATED_NOTE,
+                   router_tune={"method": "federated", "fit": "multinomial logistic regression on Gaussian samples",
+                                "tokens": {name: int(s["tokens"]) for name, s in zip([PUBLIC, *owners], stats)},
+                                "samples_per_class": rt.fit_samples, "steps": rt.fit_steps, "lr": rt.fit_lr,
+                                "l2": rt.fit_l2, "layers": figures})
+        write_meta(tmp, out)
+        write_model_card(tmp, out)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- CLI
-def _cmd_router_tune(args) -> dict:
-    from flexo.cli import _ctx
 
-    params, layout = _ctx(args)
-    return router_tune(params, layout)
-
-
-def add_cli(subparsers) -> None:
-    """`flexo router-tune`."""
-    text = "tune the merged model's router rows on public proxy data (writes models/merged-rt)"
-    p = subparsers.add_parser("router-tune", help=text, description=text)
-    p.set_defaults(fn=_cmd_router_tune)
+def add_cli(sub) -> None:
+    stage_command(sub, "router-tune", "tune the merged model's router rows (writes models/merged-rt)",
+                  lambda args, project: router_tune(project.params, project.layout))

@@ -12,24 +12,20 @@ from __future__ import annotations
 import time
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from flexo.errors import FlexoError
+from flexo import timings
+from flexo.data import read_split
 from flexo.fsutil import OutputGuard, atomic_dir, write_json
 from flexo.layout import Layout
+from flexo.modeling import SUPPORT_FILES
 from flexo.params import PUBLIC, Params
-from stages.curate import read_split
-
-EOS = "<|endoftext|>"
-# The pad token must differ from EOS: transformers gives the pad id an embedding `padding_idx`,
-# which freezes that row; EOS has to stay trainable.
-PAD = "<|pad|>"
+from flexo.project import stage_command
+from flexo.tokenization import EOS, PAD, count_tokens
 
 
 def tokenizer_guard() -> OutputGuard:
     """`models/tokenizer` may replace only an earlier tokenizer folder (tokenizer.json + our manifest)."""
-    from flexo.modeling import SUPPORT_FILES
-
     return OutputGuard("tokenizer", lambda p: (p / "tokenizer.json").is_file() and (p / "manifest.json").is_file(),
                        command="flexo tokenizer", files=(*SUPPORT_FILES, "manifest.json"))
 
@@ -53,7 +49,7 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, pad_token=PAD, unk_token=None)
     tok.model_max_length = 1_000_000  # lm-eval's rolling windows decide the length, not the tokenizer
 
-    n_tokens = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+    n_tokens = count_tokens(tok, texts)
     chars = sum(map(len, texts))
     manifest = {
         "trained_on": "data/curated/public/train.jsonl",
@@ -64,21 +60,14 @@ def train_tokenizer(params: Params, layout: Layout) -> dict:
         "chars_per_token": round(chars / max(1, n_tokens), 3),
         "eos": EOS,
         "pad": PAD,
-        "wall_s": round(time.time() - started, 1),
     }
     with atomic_dir(layout.tokenizer, tokenizer_guard()) as tmp:
         tok.save_pretrained(tmp)
         write_json(tmp / "manifest.json", manifest)
+    timings.record(layout.root, "tokenizer", wall_s=round(time.time() - started, 1))
     return manifest
 
 
-def load_tokenizer(layout: Layout) -> PreTrainedTokenizerBase:
-    if not (layout.tokenizer / "tokenizer.json").is_file():
-        raise FlexoError(f"no tokenizer in {layout.tokenizer}: run `flexo tokenizer` first")
-    from flexo.modeling import load_tokenizer_from
-
-    return load_tokenizer_from(layout.tokenizer, fix="rerun `flexo tokenizer`")
-
-
-def count_tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> int:
-    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+def add_cli(sub) -> None:
+    stage_command(sub, "tokenizer", "train the shared BPE tokenizer on the public train split",
+                  lambda args, project: train_tokenizer(project.params, project.layout))

@@ -31,12 +31,14 @@ from flexo.modeling import (
     MODEL_FILES, coupled_model, load_config, expert_tensors, fingerprint, load_model, read_meta, read_router_row, write_meta,
 )
 from flexo.package import PACKAGE_META, PACKAGE_TENSORS, ExpertPackage
+from flexo import timings
 from flexo.params import PUBLIC, Params
+from flexo.project import stage_command
 from flexo.router_fit import ROUTER_SUFFIX, domain_classifier, gates, router_inputs
 from flexo.ds_backend import select_backend
 from flexo.training import Batches, drop_checkpoint, pack, write_loss_log
-from stages.curate import curated_manifest, read_split
-from stages.tokenizer import load_tokenizer
+from flexo.data import curated_manifest, read_split
+from flexo.tokenization import load_tokenizer
 
 
 def load_public(layout: Layout, *, verify: bool = True):
@@ -159,10 +161,18 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
             "train_loss": round(result.train_loss, 5),
             "val_loss": round(result.val_loss, 5),
             "initial_val_loss": round(result.initial_val_loss, 5),
-            "tokens_per_s": result.tokens_per_s,
             "data_manifest_sha256": {s: data_manifest["splits"][s]["sha256"] for s in ("train", "val")},
-            "wall_s": round(time.time() - started, 1),
         })
         write_loss_log(tmp / "loss.csv", result.log)
     drop_checkpoint(layout.checkpoints(f"expert-{owner}"))
+    timings.record(layout.root, f"train-expert@{owner}", wall_s=round(time.time() - started, 1),
+                   training=result.speed())
     return package
+
+
+def add_cli(sub) -> None:
+    p = stage_command(sub, "train-expert", "train one owner's expert coupled to the frozen public model",
+                      lambda args, project: train_expert(args.owner, project.params, project.layout,
+                                                         resume=not args.no_resume),
+                      owner="an owner from params.yaml")
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left by an interrupted run")

@@ -23,11 +23,13 @@ from flexo.layout import Layout
 from flexo.modeling import (
     count_params, fingerprint, load_config, model_config, model_guard, new_model, read_router_row, write_meta,
 )
+from flexo import timings
 from flexo.params import PUBLIC, Params
+from flexo.project import stage_command
 from flexo.ds_backend import select_backend
 from flexo.training import Batches, drop_checkpoint, pack, write_loss_log
-from stages.curate import read_split
-from stages.tokenizer import load_tokenizer
+from flexo.data import read_split
+from flexo.tokenization import load_tokenizer
 
 
 def convert_checkpoint(path: Path, params: Params, tokenizer) -> torch.nn.Module:
@@ -116,10 +118,17 @@ def train_public(params: Params, layout: Layout, *, resume: bool = True) -> dict
             "parameters": count_params(model),
             "init_from": params.model.init_from or None,
             "training": result.summary() if result else None,
-            "wall_s": round(time.time() - started, 1),
         }
         write_meta(tmp, meta)
         if result:
             write_loss_log(tmp / "loss.csv", result.log)
     drop_checkpoint(layout.checkpoints(PUBLIC))
+    timings.record(layout.root, "train-public", wall_s=round(time.time() - started, 1),
+                   training=result.speed() if result else None)
     return meta
+
+
+def add_cli(sub) -> None:
+    p = stage_command(sub, "train-public", "train (or convert) the public model",
+                      lambda args, project: train_public(project.params, project.layout, resume=not args.no_resume))
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left by an interrupted run")

@@ -12,7 +12,6 @@ in this run: case | command | observed message.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -41,15 +40,9 @@ DOC = REPO / "docs" / "bad_input_matrix.md"
 
 # ------------------------------------------------------------------------------------------ helpers
 def run_cli(argv: list[str]) -> tuple[int, str]:
-    """`flexo.cli.main(argv)` in-process (subcommands the lead has not wired yet registered here);
-    returns (exit code, stderr)."""
-    from flexo import cli, commands  # noqa: F401
-    from stages import audit, merge, optout
+    """`flexo.cli.main(argv)` in-process; returns (exit code, stderr)."""
+    from flexo import cli
 
-    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name, mod in (("merge", merge), ("opt-out", optout), ("audit-extraction", audit)):
-        if name not in sub.choices:
-            cli.register(mod.add_cli)
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         rc = cli.main(argv)

@@ -18,7 +18,8 @@ from flexo.errors import FlexoError
 from flexo.fsutil import sha256_file
 from flexo.modeling import fingerprint, load_model, read_meta
 from flexo.params import load_params
-from stages.merge import WeightReader, merge
+from flexo.weights import WeightReader
+from stages.merge import merge
 from flexo.cli import main as run_cli  # every stage's subcommand is registered
 from conftest import all_tensors
 
@@ -178,8 +179,10 @@ def test_merge_streams_one_layer_at_a_time(ctx, tmp_path, monkeypatch):
         def __getattr__(self, name):
             return getattr(self.h, name)
 
-    real_open = merge_mod.safe_open
-    monkeypatch.setattr(merge_mod, "safe_open", lambda *a, **k: Handle(real_open(*a, **k)))
+    import flexo.weights as weights_mod
+
+    real_open = weights_mod.safe_open
+    monkeypatch.setattr(weights_mod, "safe_open", lambda *a, **k: Handle(real_open(*a, **k)))
 
     with WeightReader(layout.public_model, "public") as pub:
         shared = sum(pub.get(k).nbytes for k in pub.keys() if k.startswith("model.layers.0."))
@@ -330,7 +333,7 @@ def test_withdrawal_cleans_up_only_after_a_successful_merge(ctx, tmp_path, caplo
     merge(params, layout)  # the last merge: alpha and beta
     _withdraw_beta(layout, lock=True)
     params = load_params(layout.params)
-    with caplog.at_level("INFO", logger="stages.status"):
+    with caplog.at_level("INFO", logger="flexo.owners"):
         meta = merge(params, layout)
     assert meta["experts"] == ["public", "alpha"]
     assert set(meta["withdrawn_removed"]["beta"]) == {"data/curated/beta", "data/heldout/beta",

@@ -10,7 +10,7 @@ import yaml
 from flexo.errors import FlexoError
 from flexo.params import Params, load_params, params_from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_project_params_load_and_match_defaults():

@@ -4,7 +4,6 @@ results/extraction/<owner>.json for the public, the owner's and the merged model
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from types import SimpleNamespace
@@ -19,14 +18,7 @@ from flexo.params import load_params
 from stages.audit import audit_extraction, is_extracted, levenshtein, similarity
 
 
-def run_cli(argv: list[str]) -> int:
-    """flexo.cli.main with `audit-extraction` registered (if the lead's wiring has not done it yet)."""
-    from flexo import cli, commands  # noqa: F401
-
-    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    if "audit-extraction" not in sub.choices:
-        cli.register(audit.add_cli)
-    return cli.main(argv)
+from flexo.cli import main as run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +113,8 @@ def test_rates_for_public_own_and_merged_models(project):
 
 def test_memorising_model_is_detected(project, monkeypatch):
     params, layout = project
-    from stages.curate import read_split
-    from stages.tokenizer import load_tokenizer
+    from flexo.data import read_split
+    from flexo.tokenization import load_tokenizer
 
     tok = load_tokenizer(layout)
     # beta's arithmetic drills: every document starts differently, so a verbatim memoriser reproduces all

@@ -31,8 +31,9 @@ from flexo.sources import (
     strip_rst,
     strip_wikitext,
 )
+from flexo.sources.fetch import unpack_tar
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +164,7 @@ def test_unsafe_archive_members_are_refused(tmp_path):
         tf.addfile(info, io.BytesIO(b"evil"))
     buf.seek(0)
     with pytest.raises(SourceError, match="unsafe member"):
-        sources._unpack_tar(buf, "pkg-1.0.tar.gz", tmp_path, lambda name: True, strip_top=True)
+        unpack_tar(buf, "pkg-1.0.tar.gz", tmp_path, lambda name: True, strip_top=True)
     assert not (tmp_path.parent / "evil.txt").exists()
 
 

@@ -1,7 +1,7 @@
 """The routing ablation (issue #9): one row per lever and combination, same data, one run.
 
     make ablation                                   # ≈ 40 min on 2 cores, after `make demo`
-    .venv/bin/python bench/ablation.py --sets classifier+mix,classifier+mix/seed1
+    .venv/bin/python experiments/ablation.py --sets classifier+mix,classifier+mix/seed1
 
 Every expert set is trained from scratch in its own project under `.cache/ablation/<set>/`, which
 links the demo's curated data, held-out splits, tokenizer and public model (so every set starts from
@@ -115,7 +115,7 @@ def negative_bias(model_dir: Path, layout: Layout, params, bias: float) -> torch
     on a typical token its logit is r_pub's + bias. (Post hoc; the paper learns b during training.)"""
     public = load_model(layout.public_model)
     tok = load_tokenizer_for(layout.public_model, layout.tokenizer)
-    from stages.curate import read_split
+    from flexo.data import read_split
 
     blocks = pack(tok, read_split(layout, PUBLIC, "train"), params.model.max_seq_len, "public")
     mus = [h.mean(0) for h in router_inputs(public, blocks, max_blocks=params.router_tune.stats_blocks)]
@@ -185,9 +185,9 @@ def run(sets: list[str]) -> dict:
 def baselines(params, layout: Layout, add, rows: list[dict], name: str) -> None:
     """Public, BTM and the oracle on this set's experts; both kinds of opt-out of the tuned model."""
     from flexo.baselines import BTMLM
-    from flexo.serving import runtime_opt_out
+    from flexo.routers import runtime_opt_out
     from stages.merge import merge
-    from stages.router_update import combine_updates
+    from stages.router_tune import fit_federated
 
     add(name, "baseline: public model", layout.public_model)
     members = [load_model(layout.public_model)] + [load_model(layout.expert(o) / "model") for o in params.owners]
@@ -210,7 +210,7 @@ def baselines(params, layout: Layout, add, rows: list[dict], name: str) -> None:
         p = copy.deepcopy(params)
         p.owners = [x for x in params.owners if x != o]
         merge(p, layout)
-        combine_updates(p, layout)
+        fit_federated(p, layout)
         add(name, f"fitted router, {o} withdrawn (merge + fit rerun)", layout.merged_rt, opt_out=o, kind="rerun")
     merge(params, layout)  # leave the full merge in place
 
@@ -232,7 +232,7 @@ def write_report(report: dict) -> None:
     lines = [f"# Routing ablation ({report['started']}, {report['machine']}, torch {report['torch']})", "",
              "Bits per byte on each domain's held-out test split (lm-eval `loglikelihood_rolling`, the main "
              "table's suite); `avg` = mean over the owner domains. Every set trains its own experts from the "
-             "same public model and data (bench/ablation.py).", "",
+             "same public model and data (experiments/ablation.py).", "",
              "| set | lever | " + " | ".join(domains) + " | avg |", "|---|---|" + "---:|" * (len(domains) + 1)]
     for r in rows:
         cells = [f"{r['bpb'][d]:.3f}" if d in r["bpb"] else "" for d in domains]

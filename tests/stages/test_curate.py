@@ -11,7 +11,8 @@ from flexo.cli import main
 from flexo.errors import FlexoError
 from flexo.layout import Layout
 from flexo.params import load_params
-from stages.curate import Doc, chunk, clean_text, curate, read_split, split_of
+from flexo.data import read_split
+from stages.curate import Doc, chunk, clean_text, curate, split_of
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Where the merged model loses to BTM, and how far any bias-free linear router could go (issue #9).
 
-    .venv/bin/python bench/routing_ceiling.py        # ≈ 10 min on 2 cores, after `make demo`
+    .venv/bin/python experiments/routing_ceiling.py        # ≈ 10 min on 2 cores, after `make demo`
 
 Reads the demo's models (models/merged, models/merged-rt, the experts, the public model) and data.
 Some measurements below read several owners' text in one process: they are diagnostics that the
@@ -40,9 +40,9 @@ from flexo.layout import Layout  # noqa: E402
 from flexo.modeling import load_model, read_meta  # noqa: E402
 from flexo.params import PUBLIC, load_params  # noqa: E402
 from flexo.router_fit import class_recall, gates, multinomial_rows, router_inputs  # noqa: E402
-from flexo.serving import runtime_opt_out  # noqa: E402
+from flexo.routers import runtime_opt_out  # noqa: E402
 from flexo.training import pack, set_threads  # noqa: E402
-from stages.curate import read_split  # noqa: E402
+from flexo.data import read_split  # noqa: E402
 
 JOINT_STEPS = 200   # Adam steps of the joint LM-loss router tuning (2 blocks of each owner per step)
 JOINT_LR = 3e-3
@@ -150,7 +150,7 @@ def render(report: dict, domains: list[str]) -> str:
     lines = [f"# Routing ceiling ({report['started']}, {report['machine']})", "",
              "Bits per byte on each domain's held-out test split (lm-eval, the main table's suite); avg = mean "
              "over the owner domains. Rows marked † read several owners' text in one process: diagnostics "
-             "only (bench/routing_ceiling.py), never part of the pipeline.", "",
+             "only (experiments/routing_ceiling.py), never part of the pipeline.", "",
              "| measurement | " + " | ".join(domains) + " | avg |", "|---|" + "---:|" * (len(domains) + 1)]
     for r in report["rows"]:
         cells = [f"{r['bpb'][d]:.3f}" if d in r["bpb"] else "" for d in domains]

@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
 ]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -40,8 +40,8 @@ def owner_run(layout, params, owner, **overrides):
     """What `train_expert` hands to the training function, built from the stage's own pieces."""
     from flexo.modeling import coupled_model, read_router_row
     from flexo.training import Batches, pack
-    from stages.curate import read_split
-    from stages.tokenizer import load_tokenizer
+    from flexo.data import read_split
+    from flexo.tokenization import load_tokenizer
     from stages.train_expert import load_public, owner_trainables
 
     tp = dataclasses.replace(params.train_expert, **overrides)

@@ -52,7 +52,7 @@ def test_statistics_are_the_mean_and_covariance_of_the_router_inputs(project):
     from transformers import AutoTokenizer
 
     from flexo.training import pack
-    from stages.curate import read_split
+    from flexo.data import read_split
 
     model = load_model(layout.expert("beta") / "model")
     tok = AutoTokenizer.from_pretrained(layout.expert("beta") / "model")

@@ -3,10 +3,8 @@ shares are the model's own router outputs, sum to 1, and an opted-out owner gets
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,21 +18,12 @@ from flexo.errors import FlexoError
 from flexo.evaluation import load_tokenizer_for
 from flexo.layout import Layout
 from flexo.modeling import load_model, read_meta
-from flexo.params import load_params
-from stages.attribute import heldout_texts, routing_analysis
+from flexo.routing_report import heldout_texts, routing_analysis
 
 EXPERTS = ["public", "alpha", "beta"]
 
 
-def run_cli(argv: list[str]) -> int:
-    """flexo.cli.main with `attribute` registered (if the lead's wiring has not done it yet)."""
-    from flexo import cli, commands  # noqa: F401
-    from stages import attribute as a
-
-    sub = next(x for x in cli.build_parser()._actions if isinstance(x, argparse._SubParsersAction))
-    if "attribute" not in sub.choices:
-        cli.register(a.add_cli)
-    return cli.main(argv)
+from flexo.cli import main as run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import make_tiny_project
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

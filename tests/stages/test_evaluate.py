@@ -103,7 +103,7 @@ def test_stage_writes_every_model_and_domain(evaluated):
         assert all(0 < v < 20 for v in on_disk["bpb"][m].values())
         assert on_disk["avg_owner_bpb"][m] == pytest.approx((on_disk["bpb"][m]["alpha"] + on_disk["bpb"][m]["beta"]) / 2, abs=1e-6)
         assert (layout.results / "lm_eval" / f"{m.replace(':', '-')}.json").is_file()
-    assert on_disk["wall_s"] > 0 and on_disk["limit"] == 2
+    assert on_disk["limit"] == 2 and "wall_s" not in on_disk  # timings stay out of DVC-hashed outputs
     # An owner's own model is better on its own domain than the public model (it was trained on it).
     assert on_disk["bpb"]["expert:beta"]["beta"] < on_disk["bpb"]["public"]["beta"]
     # Nothing of the other stages' outputs was removed or added.
@@ -155,7 +155,7 @@ def test_optout_row_is_the_masked_model(evaluated, tmp_path):
     parser.add_argument("--params", default=None)
     add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["--root", str(layout.root), "evaluate", "--model", str(without), "--limit", "2"])
-    result = args.fn(args)
+    result = args.run(args)
     json.dumps(result)  # JSON-able for the CLI
     for d in DOMAINS:
         assert result["bpb"][d] == pytest.approx(opt[d], abs=1e-4)

@@ -1,5 +1,5 @@
 """Opt-out: strict removal (`flexo opt-out`) ≡ merging without the owner ≡ masking it at runtime
-(`flexo.serving.runtime_opt_out`), plus the refusals and the serving class."""
+(`flexo.routers.runtime_opt_out`), plus the refusals and the serving class."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import copy
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from flexo.errors import FlexoError
 from flexo.modeling import load_model, read_meta
-from flexo.params import load_params
-from flexo.serving import FlexoServer, runtime_opt_out
+from flexo.routers import runtime_opt_out
+from flexo.serving import FlexoServer
 from stages.merge import merge
 from stages.optout import opt_out
 from flexo.cli import main as run_cli  # every stage's subcommand is registered

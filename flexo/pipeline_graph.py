@@ -1,0 +1,116 @@
+"""The pipeline's stages and their order, read from dvc.yaml through DVC's own stage graph.
+
+dvc.yaml is the one place the stage order is written. `flexo status` and the Prefect flows (the whole
+pipeline, an owner's flow, the central flow) all derive what to run, in which order and on which
+machine from `StageGraph`:
+
+- `owner_stages(o)`: the `…@o` stages an owner runs before the merge (curate, embed, train_expert,
+  router_update); `owner_late_stages(o)` those that need the merged model (the extraction audit);
+- `public_stages`: stages with no owner that some owner stage needs (curate_public, tokenizer, …);
+- `central_stages`: the fan-in, stages with no owner that read owners' outputs (merge, router_tune,
+  evaluate);
+- `pushed(stages)`: the subset whose outputs may travel through a DVC remote (no `push: false` out:
+  an owner's curated text never does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flexo.errors import FlexoError
+
+
+@dataclass(frozen=True)
+class StageGraph:
+    order: list[str]  # every stage, in an order in which `dvc repro` could run them
+    deps: dict[str, frozenset[str]]  # stage → the stages whose outputs it reads
+    unpushed: frozenset[str] = field(default_factory=frozenset)  # stages with a `push: false` output
+
+    def upstream(self, stage: str) -> set[str]:
+        seen, todo = set(), list(self.deps.get(stage, ()))
+        while todo:
+            s = todo.pop()
+            if s not in seen:
+                seen.add(s)
+                todo += self.deps.get(s, ())
+        return seen
+
+    def downstream(self, stage: str) -> set[str]:
+        return {s for s in self.order if stage in self.upstream(s)}
+
+    @staticmethod
+    def owner_of(stage: str) -> str | None:
+        return stage.split("@", 1)[1] if "@" in stage else None
+
+    @property
+    def central_stages(self) -> list[str]:
+        """The fan-in: stages with no owner that read some owner stage's output (merge, router_tune, …)."""
+        return [s for s in self.order if "@" not in s and any("@" in u for u in self.upstream(s))]
+
+    @property
+    def public_stages(self) -> list[str]:
+        """Stages with no owner that read no owner's output (curate_public, tokenizer, train_public, …)."""
+        central = set(self.central_stages)
+        return [s for s in self.order if "@" not in s and s not in central]
+
+    def owner_stages(self, owner: str) -> list[str]:
+        """The owner's stages that run before the merge (on the owner's machine, before it publishes)."""
+        late = set(self.owner_late_stages(owner))
+        return [s for s in self.order if self.owner_of(s) == owner and s not in late]
+
+    def owner_late_stages(self, owner: str) -> list[str]:
+        """The owner's stages that read a central output (the merged model): they run after the merge."""
+        central = set(self.central_stages)
+        return [s for s in self.order if self.owner_of(s) == owner and self.upstream(s) & central]
+
+    def pushed(self, stages: list[str]) -> list[str]:
+        return [s for s in stages if s not in self.unpushed]
+
+
+@contextlib.contextmanager
+def _repo(root: Path):
+    from dvc.repo import Repo
+
+    root = Path(root)
+    try:
+        # DVC names stages relative to the working directory: work from the project root.
+        stack = contextlib.ExitStack()
+        stack.enter_context(contextlib.chdir(root))
+        repo = Repo(str(root))
+    except Exception as e:  # noqa: BLE001 — not a DVC repo, broken dvc.yaml: one line either way
+        stack.close()
+        raise FlexoError(f"cannot open the DVC project at {root} ({type(e).__name__}: {e}): run `make dvc-init`") from None
+    with stack, repo:
+        yield repo
+
+
+def _graph(repo) -> StageGraph:
+    import networkx as nx
+
+    graph = repo.index.graph  # edges point from a stage to the stages it depends on
+    # Dependencies first; among stages free to run, the order in which dvc.yaml lists them.
+    position = {s.addressing: i for i, s in enumerate(repo.index.stages)}
+    order = [s.addressing for s in nx.lexicographical_topological_sort(graph.reverse(copy=False),
+                                                                      key=lambda s: position[s.addressing])]
+    deps = {s.addressing: frozenset(d.addressing for d in graph.successors(s)) for s in graph.nodes}
+    unpushed = frozenset(s.addressing for s in graph.nodes if any(not o.can_push for o in s.outs))
+    return StageGraph(order, deps, unpushed)
+
+
+def stage_graph(root: Path) -> StageGraph:
+    with _repo(root) as repo:
+        return _graph(repo)
+
+
+def rerun_plan(root: Path) -> tuple[list[str], list[str]]:
+    """(changed stages per `dvc status`, every stage `dvc repro` would run) in pipeline order — not from
+    `dvc repro --dry`, which under-reports downstream stages."""
+    with _repo(root) as repo:
+        changed = sorted(repo.status())
+        graph = _graph(repo)
+    rerun = set(changed)
+    for name in changed:
+        rerun |= graph.downstream(name)
+    return changed, [s for s in graph.order if s in rerun]
