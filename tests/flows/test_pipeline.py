@@ -1,9 +1,11 @@
-"""The pipeline as DVC and Prefect run it, on the tiny project: the Prefect pipeline flow end to end
-(each task a DVC stage), an owner adding data, an owner withdrawing, `flexo status`, and the exchange
+"""The pipeline as DVC and Prefect run it, on the tiny project: the Prefect pipeline flow over the shared
+fixture's trained artifacts (each task a DVC stage), the same stage giving the same bytes through the CLI,
+`dvc repro` and Prefect, an owner adding data, an owner withdrawing, `flexo status`, and the exchange
 through a DVC remote: owners push packages, a central clone with no owner data merges and evaluates."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_tiny_project
+from conftest import REPO, tree
 
-REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 
 def _env(root: Path) -> dict:
@@ -35,9 +37,10 @@ def sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess
     return r
 
 
-def new_dvc_project(root: Path) -> Path:
-    """A git + DVC clone-alike of this repository with the tiny params and two owners."""
-    make_tiny_project(root)
+def dvc_project(tiny: Path, root: Path) -> Path:
+    """A git + DVC project holding the shared fixture's data and trained artifacts, with this repository's
+    dvc.yaml and code, and those artifacts recorded in dvc.lock (`dvc commit`) as if DVC had made them."""
+    shutil.copytree(tiny, root, symlinks=True, ignore=shutil.ignore_patterns(".cache"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
     for package in ("flexo", "stages"):  # code deps of dvc.yaml; the installed package runs the stages
@@ -45,8 +48,14 @@ def new_dvc_project(root: Path) -> Path:
     sh(root, "git", "init", "-q")
     sh(root, "dvc", "init", "-q")
     sh(root, "dvc", "config", "core.analytics", "false")
+    from flexo.pipeline_graph import stage_graph
+
+    graph = stage_graph(root)
+    done = [s for s in graph.order if s.split("@")[0] in ("curate_public", "tokenizer", "embed_public", "train_public",
+                                                          "curate", "embed", "train_expert")]
+    sh(root, "dvc", "commit", "--force", "--quiet", *done)
     sh(root, "git", "add", "-A")
-    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")
+    sh(root, *GIT, "commit", "-qm", "tiny")
     return root
 
 
@@ -63,27 +72,43 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="module")
-def repro_project(tmp_path_factory, prefect_harness):
-    """The tiny project built by the Prefect pipeline flow (not by `dvc repro`)."""
+def repro_project(tiny_project, tmp_path_factory, prefect_harness):
+    """The tiny project finished by the Prefect pipeline flow: what the fixture did not run (router
+    statistics, merge, audits, router tuning, evaluation) runs as DVC stages through Prefect."""
     from flows.pipeline import pipeline
 
-    root = new_dvc_project(tmp_path_factory.mktemp("dvc") / "proj")
-    os.environ["FLEXO_DOWNLOADS"] = str(REPO / ".cache" / "test-downloads")
-    states = pipeline(root=str(root), max_parallel_owners=2)
-    assert set(states.values()) == {"ran"}, states
+    root = dvc_project(tiny_project.root, tmp_path_factory.mktemp("dvc") / "proj")
+    states = pipeline(root=str(root))
+    ran = {s for s, state in states.items() if state == "ran"}
+    assert ran == {"router_update@alpha", "router_update@beta", "merge", "audit@alpha", "audit@beta",
+                   "router_tune", "evaluate"}, states
     return root
 
 
 def test_prefect_flow_ran_every_stage_as_dvc_would(repro_project):
     root = repro_project
     assert {"curate_public", "tokenizer", "train_public", "curate@alpha", "train_expert@beta", "merge",
-            "router_tune", "evaluate"} <= lock_stages(root)
+            "router_tune", "evaluate", "audit@alpha"} <= lock_stages(root)
     metrics = json.loads((root / "results" / "metrics.json").read_text())
     assert set(metrics["bpb"]) >= {"public", "flexolmo", "flexolmo-rt", "soup", "btm", "expert:alpha",
                                    "optout:beta"}
     assert sh(root, "dvc", "status", "--quiet", check=False).returncode == 0
     status = json.loads(sh(root, "flexo", "status", "--json").stdout)
     assert status["would_rerun"] == [] and status["owners"]["alpha"]["expert"] == "current"
+
+
+def test_one_stage_gives_the_same_bytes_through_the_cli_dvc_and_prefect(repro_project, tmp_path):
+    """`merge` as Prefect ran it (the fixture), as `dvc repro` runs it, and as `flexo merge` runs it."""
+    by_prefect = tree(repro_project / "models" / "merged")
+    via_dvc = tmp_path / "dvc"
+    shutil.copytree(repro_project, via_dvc, symlinks=True)
+    sh(via_dvc, "dvc", "repro", "--force", "--single-item", "merge")
+    via_cli = tmp_path / "cli"
+    shutil.copytree(repro_project, via_cli, symlinks=True)
+    shutil.rmtree(via_cli / "models" / "merged")
+    sh(via_cli, "flexo", "merge")
+    assert tree(via_dvc / "models" / "merged") == by_prefect == tree(via_cli / "models" / "merged")
+    assert sh(via_dvc, "dvc", "status", "--quiet", check=False).returncode == 0  # same hash as recorded
 
 
 def test_adding_a_document_makes_only_that_owner_and_the_fan_in_stale(repro_project):
@@ -130,13 +155,11 @@ def test_central_clone_without_owner_data_merges_from_the_remote(repro_project, 
     sh(owners_side, "dvc", "remote", "add", "-f", "-d", "store", str(remote))
     sh(owners_side, "dvc", "push")
     sh(owners_side, "git", "add", "-A")
-    sh(owners_side, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "packages")
+    sh(owners_side, *GIT, "commit", "-qm", "packages")
     # Nothing of the owners' text went to the remote: their curated data is `push: false`.
     pushed = {p.name for p in remote.rglob("*") if p.is_file()}
     for owner in yaml.safe_load((owners_side / "params.yaml").read_text())["owners"]:
         train = (owners_side / "data" / "curated" / owner / "train.jsonl").read_bytes()
-        import hashlib
-
         assert hashlib.md5(train).hexdigest()[2:] not in pushed
     central = tmp_path / "central"
     sh(tmp_path, "git", "clone", "-q", str(owners_side), str(central))
