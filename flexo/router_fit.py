@@ -199,9 +199,12 @@ def fit_router(stats: list[dict[str, torch.Tensor]], num_layers: int, *, samples
         if sum(recall) / len(recall) <= 1 / len(xs) + COLLAPSE_MARGIN:
             names = list(names or [f"class {c}" for c in range(len(stats))])
             culprit = names[_outlier(stats, layer)]
+            # The public class's statistics are computed at the centre from the public model, not shipped.
+            fix = ("check the public model (`flexo train-public`)" if culprit == "public"
+                   else f"check or rerun `flexo router-update --owner {culprit}`")
             raise FlexoError(f"the router fit collapsed at layer {layer} (class recall {recall}, chance "
                              f"{1 / len(xs):.2f}): the statistics of {culprit!r} differ most in scale from the "
-                             f"others'; check or rerun `flexo router-update --owner {culprit}`")
+                             f"others'; {fix}")
         rows.append(w)
         figures.append(fig)
     return rows, figures

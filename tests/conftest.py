@@ -3,10 +3,16 @@ through the real stage functions, so later-stage tests start from real artifacts
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import random
+import shutil
+import sys
 import sysconfig
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import pytest
 
@@ -28,6 +34,7 @@ train_expert: {max_steps: 12, batch_size: 8, lr: 1.0e-2, warmup_steps: 2, checkp
 merge: {top_k: 2}
 router_tune: {steps: 4, batch_size: 4, proxy_documents: 8, fit_samples: 400, fit_steps: 60}
 evaluate: {batch_size: 4, max_length: 64, limit: 6}
+audit: {documents: 8}
 """
 
 
@@ -56,6 +63,22 @@ def arithmetic_documents(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def download_cache() -> Path:
+    """The session-wide download cache the tests share and keep between runs: $FLEXO_TEST_CACHE, else
+    <repo>/.cache/test-downloads."""
+    return Path(os.environ.get("FLEXO_TEST_CACHE", REPO / ".cache" / "test-downloads"))
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder`."""
+    from flexo.fsutil import sha256_file
+
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
 def all_tensors(folder: Path) -> dict:
     """Every tensor of a model folder (all safetensors shards), by name."""
     from safetensors.torch import load_file
@@ -77,8 +100,6 @@ def make_tiny_project(root: Path) -> Path:
         (alpha / f"{name}.txt").write_text(p.read_text(encoding="utf-8"))
     beta = root / "data" / "owners" / "beta"
     beta.mkdir(parents=True)
-    import json
-
     with open(beta / "drills.jsonl", "w") as f:
         for doc in arithmetic_documents(160):
             f.write(json.dumps({"text": doc}) + "\n")
@@ -136,4 +157,108 @@ def merged(ctx, tmp_path_factory) -> Path:
     params, layout = ctx
     out = tmp_path_factory.mktemp("merged") / "merged"
     merge(params, layout, out=out)
+    return out
+
+
+# --------------------------------------------------------------------------------- copies of the project
+def copy_project(tiny, dst: Path, *, merged: bool = False, ignore: Callable | None = None):
+    """A copy of the tiny project at `dst` (links copied as links), opened as a `flexo.project.Project`;
+    `merged=True` also merges it (models/merged), as most later-stage tests need. `ignore` is
+    shutil.copytree's."""
+    from flexo.project import Project
+
+    shutil.copytree(tiny.root, dst, symlinks=True, ignore=ignore)
+    project = Project.open(dst)
+    if merged:
+        from stages.merge import merge
+
+        merge(project.params, project.layout)
+    return project
+
+
+@pytest.fixture
+def project_copy(tiny_project, tmp_path):
+    """A fresh copy of the tiny project for one test to change (a `Project`: .layout, .params)."""
+    return copy_project(tiny_project, tmp_path / "project")
+
+
+# ------------------------------------------------------------------------------------- expert packages
+def package_copy(layout, owner: str, dst: Path) -> Path:
+    """A copy of `owner`'s expert package alone (no model folder, no loss log) at `dst`."""
+    shutil.copytree(layout.expert(owner), dst, ignore=shutil.ignore_patterns("model", "loss.csv"))
+    return dst
+
+
+def edit_manifest(pkg: Path, **changes) -> dict:
+    """Set `changes` in a package's expert.json; returns the manifest as written."""
+    meta = json.loads((pkg / "expert.json").read_text())
+    meta.update(changes)
+    (pkg / "expert.json").write_text(json.dumps(meta))
+    return meta
+
+
+def rehash(pkg: Path) -> None:
+    """Make expert.json's tensors_sha256 match the (edited) tensors, as a re-export would."""
+    from flexo.fsutil import sha256_file
+
+    edit_manifest(pkg, tensors_sha256=sha256_file(pkg / "expert.safetensors"))
+
+
+def edit_package(pkg: Path, edit: Callable[[dict], None]) -> None:
+    """Load a package's tensors, `edit` them in place, save them and rehash the manifest."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(pkg / "expert.safetensors")
+    edit(tensors)
+    save_file(tensors, str(pkg / "expert.safetensors"))
+    rehash(pkg)
+
+
+# ---------------------------------------------------------------------------------------- the command line
+class CliRun(NamedTuple):
+    rc: int
+    out: str
+    err: str
+
+
+def run_cli(argv: list[str]) -> CliRun:
+    """`flexo ARGV` in-process (`flexo.cli.main`, every stage's subcommand registered): exit code, stdout
+    and stderr."""
+    from flexo import cli
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = cli.main(argv)
+    return CliRun(rc, out.getvalue(), err.getvalue())
+
+
+def flexo_command() -> list[str]:
+    """The installed `flexo` console script (what users, DVC and the flows run), else its equivalent."""
+    script = Path(sys.executable).parent / "flexo"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from flexo.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a `flexo` subprocess: this one, with this checkout first on the path."""
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def direct_rolling_logprobs(model, ids: list[int], prefix: int, max_len: int) -> list[float]:
+    """log p(ids[j] | its context) for every token, scored in chunks of `max_len` predictions: the first
+    chunk reads the prefix token then ids, every later chunk reads the `max_len` tokens before its end."""
+    import torch
+
+    out: list[float] = []
+    start = 0
+    with torch.no_grad():
+        while start < len(ids):
+            end = min(start + max_len, len(ids))
+            inp = [prefix] + ids[:end - 1] if start == 0 else ids[end - max_len - 1:end - 1]
+            logp = torch.log_softmax(model(torch.tensor([inp])).logits[0].double(), dim=-1)
+            for k, j in enumerate(range(start, end)):
+                out.append(float(logp[len(inp) - (end - start) + k, ids[j]]))
+            start = end
     return out

@@ -13,7 +13,6 @@ in this run: case | command | observed message.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -31,24 +30,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import REPO, cli_env, copy_project, edit_manifest, edit_package, flexo_command, rehash, run_cli
 from flexo.fsutil import sha256_file
 from flexo.layout import Layout
 
-REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "bad_input_matrix.md"
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    """`flexo.cli.main(argv)` in-process; returns (exit code, stderr)."""
-    from flexo import cli
-
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        rc = cli.main(argv)
-    return rc, err.getvalue()
-
-
 def snapshot(path: Path):
     """None if absent; a file's sha256; a folder's {relative path: sha256 or link target} (hidden files
     included; links are recorded, not followed)."""
@@ -79,21 +68,6 @@ def write_params(layout: Layout, edit: Callable[[dict], None]) -> None:
     raw = yaml.safe_load(layout.params.read_text())
     edit(raw)
     layout.params.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def rehash(pkg: Path) -> None:
-    """Make expert.json's tensors_sha256 match the (edited) tensors, as a re-export would."""
-    meta = json.loads((pkg / "expert.json").read_text())
-    meta["tensors_sha256"] = sha256_file(pkg / "expert.safetensors")
-    (pkg / "expert.json").write_text(json.dumps(meta))
-
-
-def edit_package(layout: Layout, owner: str, fn: Callable[[dict], None]) -> None:
-    path = layout.expert(owner) / "expert.safetensors"
-    t = load_file(path)
-    fn(t)
-    save_file(t, str(path))
-    rehash(layout.expert(owner))
 
 
 @dataclass
@@ -164,31 +138,27 @@ def _random_bytes_public(layout, tmp):
 
 
 def _fingerprint(layout, tmp):
-    meta = json.loads((layout.expert("beta") / "expert.json").read_text())
-    meta["public_fingerprint"] = "0" * 64
-    (layout.expert("beta") / "expert.json").write_text(json.dumps(meta))
+    edit_manifest(layout.expert("beta"), public_fingerprint="0" * 64)
     return ["merge"]
 
 
 def _shapes(layout, tmp):
-    edit_package(layout, "alpha", lambda t: t.__setitem__("layers.0.router", torch.zeros(16)))
+    edit_package(layout.expert("alpha"), lambda t: t.__setitem__("layers.0.router", torch.zeros(16)))
     return ["merge"]
 
 
 def _manifest_shapes(layout, tmp):
-    meta = json.loads((layout.expert("alpha") / "expert.json").read_text())
-    meta["hidden_size"] = 64
-    (layout.expert("alpha") / "expert.json").write_text(json.dumps(meta))
+    edit_manifest(layout.expert("alpha"), hidden_size=64)
     return ["merge"]
 
 
 def _nan(layout, tmp):
-    edit_package(layout, "alpha", lambda t: t["layers.1.up_proj"].__setitem__((3, 4), float("nan")))
+    edit_package(layout.expert("alpha"), lambda t: t["layers.1.up_proj"].__setitem__((3, 4), float("nan")))
     return ["merge"]
 
 
 def _inf(layout, tmp):
-    edit_package(layout, "beta", lambda t: t["layers.0.router"].__setitem__(5, float("inf")))
+    edit_package(layout.expert("beta"), lambda t: t["layers.0.router"].__setitem__(5, float("inf")))
     return ["merge"]
 
 
@@ -316,10 +286,8 @@ def _refused_merge_with_withdrawn_owner(layout, tmp):
 
 # --------------------------------------------------------------------- never leak: bound identities
 def _swap_owners(layout, tmp):
-    a, b = (json.loads((layout.expert(o) / "expert.json").read_text()) for o in ("alpha", "beta"))
-    a["owner"], b["owner"] = "beta", "alpha"
-    (layout.expert("alpha") / "expert.json").write_text(json.dumps(a))
-    (layout.expert("beta") / "expert.json").write_text(json.dumps(b))
+    edit_manifest(layout.expert("alpha"), owner="beta")
+    edit_manifest(layout.expert("beta"), owner="alpha")
     return ["merge"]
 
 
@@ -373,7 +341,7 @@ def _not_psd(stats):
 
 def _scale_package(key_end: str):
     def setup(layout, tmp):
-        edit_package(layout, "alpha", lambda t: [t.__setitem__(k, t[k] * 1e30) for k in list(t) if k.endswith(key_end)])
+        edit_package(layout.expert("alpha"), lambda t: [t.__setitem__(k, t[k] * 1e30) for k in list(t) if k.endswith(key_end)])
         return ["merge"]
     return setup
 
@@ -562,9 +530,8 @@ def scrub(message: str, layout: Layout, tmp: Path) -> str:
 def prepare(case: Case, tiny: Layout, tmp: Path) -> tuple[Layout, list[str], list[Path], str, dict]:
     """A copy of the tiny project, broken by the case; the paths to compare before and after: the case's
     outputs, plus the project's data, models and dvc.lock (a refusal changes nothing anywhere)."""
-    root = tmp / "project"
-    shutil.copytree(tiny.root, root, symlinks=True)
-    layout = Layout.at(root)
+    layout = copy_project(tiny, tmp / "project").layout
+    root = layout.root
     argv = case.setup(layout, tmp)
     outs = list(dict.fromkeys([*case.outs(layout, tmp), root / "data", root / "models", root / "dvc.lock"]))
     words = case.words(layout, tmp) if callable(case.words) else case.words
@@ -587,7 +554,7 @@ def check_refusal(case: Case, rc: int, err: str, layout: Layout, outs: list[Path
 def run_case(case: Case, tiny: Layout, tmp: Path) -> dict:
     layout, argv, outs, words, before = prepare(case, tiny, tmp)
     with contextlib.chdir(layout.root) if case.in_root else contextlib.nullcontext():
-        rc, err = run_cli(["--root", str(layout.root), *argv])
+        rc, _, err = run_cli(["--root", str(layout.root), *argv])
     check_refusal(case, rc, err, layout, outs, words, before, tmp)
     OBSERVED[case.name] = {"what": case.what, "command": display(argv, layout, tmp),
                            "message": scrub(err.strip(), layout, tmp)}
@@ -600,53 +567,49 @@ def test_bad_input_is_one_line_exit_2_and_no_partial_output(case, tiny_project, 
     run_case(case, tiny_project, tmp_path)
 
 
-def flexo_command() -> list[str]:
-    """The installed `flexo` console script (what users, DVC and the flows run), else its equivalent."""
-    script = Path(sys.executable).parent / "flexo"
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from flexo.cli import main; sys.exit(main(sys.argv[1:]))"]
-
-
 @pytest.mark.parametrize("name", SUBPROCESS)
 def test_bad_input_in_a_real_process(name, tiny_project, tmp_path):
     """The same refusals from a real `flexo` process: no log line, warning or progress bar around the one
     error line either."""
     case = next(c for c in CASES if c.name == name)
     layout, argv, outs, words, before = prepare(case, tiny_project, tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([*flexo_command(), "--root", str(layout.root), *argv],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+                       capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300)
     check_refusal(case, r.returncode, r.stderr, layout, outs, words, before, tmp_path)
     assert r.stdout == ""
 
 
 def test_python_dash_m_knows_the_registered_subcommands(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flexo.cli", "merge", "--help"], capture_output=True, text=True,
-                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+                       cwd=REPO, env=cli_env(), timeout=300)
     assert r.returncode == 0, r.stderr
 
 
+def _curate_alpha_again(layout: Layout, caplog) -> tuple[dict, dict, dict]:
+    """Rerun `flexo curate --owner alpha` on a copy whose inbox a test changed (curate's warnings captured):
+    the manifest's inbox report, and alpha's splits before and after."""
+    splits = lambda: {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")}  # noqa: E731
+    before = splits()
+    with caplog.at_level(logging.WARNING, logger="stages.curate"):
+        rc, _, err = run_cli(["--root", str(layout.root), "curate", "--owner", "alpha"])
+    assert rc == 0, err
+    assert "flexo: error" not in err and "Traceback" not in err
+    return json.loads((layout.curated("alpha") / "manifest.json").read_text())["inbox"], before, splits()
+
+
 def test_binary_and_non_utf8_files_are_skipped_and_counted(tiny_project, tmp_path, caplog):
-    root = tmp_path / "project"
-    shutil.copytree(tiny_project.root, root)
-    layout = Layout.at(root)
+    layout = copy_project(tiny_project, tmp_path / "project").layout
     inbox = layout.owner_inbox("alpha")
     (inbox / "blob.txt").write_bytes(b"\x00\x01\x02binary\xff" * 64)
     (inbox / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e ".encode("latin-1") * 40)
     with open(os.fsencode(inbox) + b"/caf\xe9.txt", "wb") as f:  # a file name that is not UTF-8
         f.write(b"Some text that would be fine if its name were UTF-8.\n" * 10)
-    before = {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")}
-    with caplog.at_level(logging.WARNING, logger="stages.curate"):
-        rc, err = run_cli(["--root", str(root), "curate", "--owner", "alpha"])
-    assert rc == 0, err
-    assert "flexo: error" not in err and "Traceback" not in err
-    inbox_report = json.loads((layout.curated("alpha") / "manifest.json").read_text())["inbox"]
+    inbox_report, before, after = _curate_alpha_again(layout, caplog)
     assert inbox_report["skipped_files"] == 3
     assert inbox_report["skipped"] == ["blob.txt", "caf\ufffd.txt", "latin1.txt"]
     assert inbox_report["files"] == len(list(inbox.glob("*.txt"))) - 1  # the badly named one is not read
     # the skipped files add nothing: the splits are the ones curated without them
-    assert {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")} == before
+    assert after == before
     warnings = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert len(warnings) == 3
     OBSERVED["inbox-binary-non-utf8"] = {
@@ -661,23 +624,17 @@ def test_binary_and_non_utf8_files_are_skipped_and_counted(tiny_project, tmp_pat
 
 def test_symlinks_in_an_owner_folder_are_skipped_and_counted(tiny_project, tmp_path, caplog):
     """A link to another owner's curated split, one to a system file and a linked sub-folder: none is read."""
-    root = tmp_path / "project"
-    shutil.copytree(tiny_project.root, root)
-    layout = Layout.at(root)
+    layout = copy_project(tiny_project, tmp_path / "project").layout
     inbox = layout.owner_inbox("alpha")
     (inbox / "leak.jsonl").symlink_to(Path("..", "..", "curated", "beta", "train.jsonl"))
     (inbox / "passwd.txt").symlink_to("/etc/passwd")
     (inbox / "more").symlink_to(layout.owner_inbox("beta"), target_is_directory=True)
     os.link(layout.split_file("beta", "test"), inbox / "held.jsonl")  # a hard link to beta's held-out split
-    before = {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")}
-    with caplog.at_level(logging.WARNING, logger="stages.curate"):
-        rc, err = run_cli(["--root", str(root), "curate", "--owner", "alpha"])
-    assert rc == 0, err
-    report = json.loads((layout.curated("alpha") / "manifest.json").read_text())["inbox"]
+    report, before, after = _curate_alpha_again(layout, caplog)
     assert report["skipped_links"] == 4
     assert sorted(report["skipped"]) == ["held.jsonl", "leak.jsonl", "more", "passwd.txt"]
     # nothing of beta's (or of /etc) reached alpha's splits: they are byte for byte the ones without the links
-    assert {s: layout.split_file("alpha", s).read_bytes() for s in ("train", "val", "test")} == before
+    assert after == before
     beta_texts = {json.loads(line)["text"] for line in layout.split_file("beta", "train").read_text().splitlines()}
     assert not beta_texts & {json.loads(line)["text"] for line in layout.split_file("alpha", "train").read_text().splitlines()}
     warnings = [r.getMessage() for r in caplog.records if " link" in r.getMessage()]
@@ -703,9 +660,8 @@ def test_no_space_left_is_one_line_and_leaves_nothing(tiny_project, tmp_path):
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([*flexo_command(), "--root", str(layout.root), *argv], capture_output=True, text=True,
-                       cwd=REPO, env=env, timeout=300, preexec_fn=small_files)
+                       cwd=REPO, env=cli_env(), timeout=300, preexec_fn=small_files)
     case = Case("merge-no-space", "no space left on the output disk (a real process under a file-size limit)",
                 lambda L, t: argv, MERGED, "no space left")
     check_refusal(case, r.returncode, r.stderr, layout, outs, "no space left", before, tmp_path)

@@ -23,12 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REPO, cli_env, copy_project, flexo_command, tree
 from flexo.fsutil import sha256_file
-from flexo.layout import Layout
 from flexo.params import load_params
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 RUN_CLI = "import sys, time\nimport flexo.cli\n{patch}\nfrom flexo.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 # 0.25 s more per optimizer step (the learning-rate lookup runs once per step).
@@ -45,16 +42,11 @@ HANG_AFTER_TRAIN_SPLIT = ("import stages.curate as C\n_write = C._write_split\nc
                           "C._write_split = write")
 
 
-def project_copy(tiny: Layout, tmp: Path) -> Layout:
-    shutil.copytree(tiny.root, tmp / "project")
-    return Layout.at(tmp / "project")
-
-
 def start(root: Path, argv: list[str], patch: str, log: Path, **env: str) -> subprocess.Popen:
     """`flexo --root ROOT ARGV` in a new process with `patch` applied first; output goes to `log`."""
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-c", RUN_CLI.format(patch=patch), "--root", str(root), *argv],
-                                cwd=REPO, env={**ENV, **env}, stdout=f, stderr=subprocess.STDOUT)
+                                cwd=REPO, env=cli_env(**env), stdout=f, stderr=subprocess.STDOUT)
 
 
 def kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 300) -> None:
@@ -73,16 +65,10 @@ def kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 300) ->
 
 def flexo(root: Path, *argv: str) -> subprocess.CompletedProcess:
     """`flexo --root ROOT ARGV` with the installed console script (what users, DVC and the flows run)."""
-    script = Path(sys.executable).parent / "flexo"
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-c", RUN_CLI.format(patch="")]
-    r = subprocess.run([*cmd, "--root", str(root), *argv], cwd=REPO, env=ENV,
+    r = subprocess.run([*flexo_command(), "--root", str(root), *argv], cwd=REPO, env=cli_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
-
-
-def tree(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def temps(folder: Path, name: str) -> list[str]:
@@ -91,7 +77,7 @@ def temps(folder: Path, name: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- training
 def test_training_killed_resumes_from_its_checkpoint_to_the_same_expert(tiny_project, tmp_path):
-    layout = project_copy(tiny_project, tmp_path)
+    layout = copy_project(tiny_project, tmp_path / "project").layout
     params = load_params(layout.params)
     reference = load_file(tiny_project.expert("alpha") / "expert.safetensors")  # the uninterrupted run
     shutil.rmtree(layout.expert("alpha"))
@@ -119,7 +105,7 @@ def test_training_killed_resumes_from_its_checkpoint_to_the_same_expert(tiny_pro
 def test_merge_killed_half_way_leaves_no_output_and_a_rerun_ignores_the_temp(tiny_project, tmp_path):
     from stages.merge import merge
 
-    layout = project_copy(tiny_project, tmp_path)
+    layout = copy_project(tiny_project, tmp_path / "project").layout
     clean = tmp_path / "clean"
     merge(load_params(tiny_project.params), tiny_project, out=clean)  # an uninterrupted merge, elsewhere
 
@@ -150,7 +136,7 @@ PAUSE_BEFORE_SWAP = ("import os, flexo.fsutil as F\n_lock = F._swap_lock\n"
 def test_two_merges_finishing_together_take_turns_and_leave_no_temp(tiny_project, tmp_path):
     from stages.merge import merge
 
-    layout = project_copy(tiny_project, tmp_path)
+    layout = copy_project(tiny_project, tmp_path / "project").layout
     clean = tmp_path / "clean"
     merge(load_params(tiny_project.params), tiny_project, out=clean)
     ready, go = tmp_path / "ready", tmp_path / "go"
@@ -171,7 +157,7 @@ def test_two_merges_finishing_together_take_turns_and_leave_no_temp(tiny_project
 def test_merge_failing_half_way_in_process_leaves_nothing(tiny_project, tmp_path, monkeypatch):
     import stages.merge as merge_mod
 
-    layout = project_copy(tiny_project, tmp_path)
+    layout = copy_project(tiny_project, tmp_path / "project").layout
     params = copy.deepcopy(load_params(layout.params))
     params.merge.shard_bytes = 100_000  # several shards (below the params.yaml minimum on purpose)
     real, calls = merge_mod.ShardWriter.flush, []
@@ -193,7 +179,7 @@ def test_merge_failing_half_way_in_process_leaves_nothing(tiny_project, tmp_path
 
 # --------------------------------------------------------------------------------------------- curate
 def test_curate_killed_half_way_keeps_the_previous_complete_version(tiny_project, tmp_path):
-    layout = project_copy(tiny_project, tmp_path)
+    layout = copy_project(tiny_project, tmp_path / "project").layout
     before = tree(layout.curated("alpha"))
     (layout.owner_inbox("alpha") / "extra.txt").write_text("An extra document the killed run never finishes. " * 20)
 
@@ -214,7 +200,7 @@ def test_curate_killed_half_way_keeps_the_previous_complete_version(tiny_project
 
 
 def test_curate_killed_on_a_fresh_owner_leaves_no_output(tiny_project, tmp_path):
-    layout = project_copy(tiny_project, tmp_path)
+    layout = copy_project(tiny_project, tmp_path / "project").layout
     shutil.rmtree(layout.curated("alpha"))
     shutil.rmtree(layout.heldout("alpha"))
     log = tmp_path / "killed.log"
@@ -232,7 +218,7 @@ def test_curate_killed_on_a_fresh_owner_leaves_no_output(tiny_project, tmp_path)
 def test_curate_failing_half_way_in_process_leaves_no_curated_folder(tiny_project, tmp_path, monkeypatch):
     import stages.curate as curate_mod
 
-    layout = project_copy(tiny_project, tmp_path)
+    layout = copy_project(tiny_project, tmp_path / "project").layout
     shutil.rmtree(layout.curated("alpha"))
     real, calls = curate_mod._write_split, []
 

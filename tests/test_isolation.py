@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SOURCE_DIRS = ("flexo", "stages", "flows", "bench")
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_cli
 from flexo.attribution import (
     RoutingRecorder, attribute, attribute_request, plot_routing_heatmap, recording, render_routing_markdown,
     routing_capture, routing_table,
@@ -21,9 +22,6 @@ from flexo.modeling import load_model, read_meta
 from flexo.routing_report import heldout_texts, routing_analysis
 
 EXPERTS = ["public", "alpha", "beta"]
-
-
-from flexo.cli import main as run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -191,30 +189,28 @@ def test_routing_analysis_writes_results(ctx, merged, tmp_path):
     assert table["max_tokens"] == params.model.max_seq_len
 
 
-def test_cli(merged, ctx, tmp_path, capsys):
+def test_cli(merged, ctx, tmp_path):
     _, layout = ctx
-    assert run_cli(["attribute", "--model", str(merged), "--file", str(tmp_path / "nope.txt")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "does not exist" in err
+    rc, _, err = run_cli(["attribute", "--model", str(merged), "--file", str(tmp_path / "nope.txt")])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
 
-    assert run_cli(["attribute", "--model", str(merged), "--text", "x = 1", "--exclude", "gamma"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cannot exclude 'gamma'" in err
+    rc, _, err = run_cli(["attribute", "--model", str(merged), "--text", "x = 1", "--exclude", "gamma"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "cannot exclude 'gamma'" in err
 
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(merged / "config.json", bare / "config.json")
-    assert run_cli(["attribute", "--model", str(bare), "--text", "x = 1"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "flexo.json" in err
+    rc, _, err = run_cli(["attribute", "--model", str(bare), "--text", "x = 1"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "flexo.json" in err
 
     doc = tmp_path / "doc.txt"
     doc.write_text("Calculate 12 + 30. Answer: 42\n", encoding="utf-8")
-    assert run_cli(["attribute", "--model", str(merged), "--file", str(doc), "--json", "--exclude", "alpha"]) == 0
-    data = json.loads(capsys.readouterr().out)
+    rc, out, err = run_cli(["attribute", "--model", str(merged), "--file", str(doc), "--json", "--exclude", "alpha"])
+    assert rc == 0, err
+    data = json.loads(out)
     assert data["experts"] == EXPERTS and data["excluded"] == ["alpha"] and data["prob_share"]["alpha"] == 0.0
     assert _sums_to_one(data["prob_share"]) and len(data["layers"]) == 2
 
-    assert run_cli(["attribute", "--model", str(layout.public_model), "--text", "def f(x): return x"]) == 0
-    out = capsys.readouterr().out
+    rc, out, err = run_cli(["attribute", "--model", str(layout.public_model), "--text", "def f(x): return x"])
+    assert rc == 0, err
     assert "public" in out and "1.000" in out

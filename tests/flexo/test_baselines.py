@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import direct_rolling_logprobs, edit_manifest, package_copy
 from flexo.baselines import BTMLM, btm_total_loglikelihood, mixture_logprobs, model_soup
 from flexo.errors import FlexoError
 from flexo.evaluation import evaluate_model, load_tokenizer_for, write_domain_tasks
@@ -21,22 +22,6 @@ def _instance(kind: str, args: tuple):
     from lm_eval.api.instance import Instance
 
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
-
-
-@torch.no_grad()
-def direct_rolling_logprobs(model, ids: list[int], prefix: int, max_len: int) -> list[float]:
-    """log p(ids[j] | its context) for every token, scored in chunks of `max_len` predictions: the first
-    chunk reads the prefix token then ids, every later chunk reads the `max_len` tokens before its end."""
-    out: list[float] = []
-    start = 0
-    while start < len(ids):
-        end = min(start + max_len, len(ids))
-        inp = [prefix] + ids[:end - 1] if start == 0 else ids[end - max_len - 1:end - 1]
-        logp = torch.log_softmax(model(torch.tensor([inp])).logits[0].double(), dim=-1)
-        for k, j in enumerate(range(start, end)):
-            out.append(float(logp[len(inp) - (end - start) + k, ids[j]]))
-        start = end
-    return out
 
 
 @torch.no_grad()
@@ -96,14 +81,9 @@ def test_soup_is_the_hand_average(parts):
 
 
 def test_soup_refuses_a_package_of_another_public_model(parts, tmp_path):
-    import shutil
-
     layout = parts[0]
-    pkg = tmp_path / "alpha"
-    shutil.copytree(layout.expert("alpha"), pkg, ignore=shutil.ignore_patterns("model"))
-    meta = json.loads((pkg / "expert.json").read_text())
-    meta["public_fingerprint"] = "0" * 64
-    (pkg / "expert.json").write_text(json.dumps(meta))
+    pkg = package_copy(layout, "alpha", tmp_path / "alpha")
+    edit_manifest(pkg, public_fingerprint="0" * 64)
     with pytest.raises(FlexoError, match="another public model"):
         model_soup(layout.public_model, [pkg])
 

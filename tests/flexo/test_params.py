@@ -2,22 +2,20 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import REPO
 from flexo.errors import FlexoError
 from flexo.params import Params, load_params, params_from_dict
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_project_params_load_and_match_defaults():
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(REPO / "params.yaml")
     assert params.owners == ["code", "math", "news", "creative"]
     # Every key in params.yaml is documented with a comment on its line.
-    for line in (ROOT / "params.yaml").read_text().splitlines():
+    for line in (REPO / "params.yaml").read_text().splitlines():
         if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert "#" in line, f"undocumented params key: {line}"
     assert params.model.hidden_size % params.model.num_heads == 0
@@ -65,11 +63,11 @@ def test_check_owner_refuses_unknown_and_malformed():
 
 
 def test_cli_reports_bad_params_in_one_line(tmp_path):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["curate"]["typo_key"] = 3
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     r = subprocess.run([sys.executable, "-m", "flexo.cli", "--root", str(tmp_path), "curate", "--owner", "code"],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert r.stderr.strip() == "flexo: error: params.yaml: unknown key curate.typo_key; known keys of curate: " \
         "public_train_chars, owner_train_chars, val_fraction, test_fraction, max_eval_chars, min_doc_chars, " \

@@ -1,19 +1,16 @@
-"""Serving: a request can exclude owners at run time and is told which experts served it."""
+"""Serving: a request can exclude owners at run time and is told which experts served it; an excluded
+owner scores as in the strictly opted-out model."""
 
 import pytest
 
 from flexo.attribution import attribute_request
-from flexo.layout import Layout
-from flexo.params import load_params
 from flexo.serving import FlexoServer
-from stages.merge import merge
+from stages.optout import opt_out
 
 
 @pytest.fixture(scope="module")
-def server(tiny_project, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "merged"
-    merge(load_params(tiny_project.params), Layout.at(tiny_project.root), out=out, top_k=2)
-    return FlexoServer(out)
+def server(merged):
+    return FlexoServer(merged)
 
 
 def test_score_request_reports_the_attribution_it_served(server):
@@ -34,3 +31,15 @@ def test_generation_reports_attribution_and_respects_the_mask(server):
     assert isinstance(r.text, str)
     assert r.attribution["prob_share"]["alpha"] == 0.0
     assert r.attribution["tokens"] >= 5
+
+
+def test_server_scores_and_generates_with_exclusions(merged, tmp_path):
+    server = FlexoServer(merged)
+    text = "Calculate 12 + 30. Answer: 42"
+    full, no_beta = server.score(text), server.score(text, exclude=["beta"])
+    assert full < 0 and no_beta < 0 and full != no_beta
+    opt_out(merged, ["beta"], tmp_path / "nb")
+    opted = FlexoServer(tmp_path / "nb")
+    assert abs(opted.score(text) - no_beta) < 1e-4
+    assert isinstance(server.generate("Calculate", exclude=["alpha"], max_new_tokens=4), str)
+    assert server.score(text) == full  # nothing left masked

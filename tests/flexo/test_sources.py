@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import shutil
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import download_cache
 from flexo import sources
 from flexo.sources import (
     DOMAIN_SOURCES,
@@ -33,13 +33,11 @@ from flexo.sources import (
 )
 from flexo.sources.fetch import unpack_tar
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="session")
 def cache() -> Path:
     """Session-wide download cache kept between runs (never cleaned by the tests)."""
-    path = Path(os.environ.get("FLEXO_TEST_CACHE", REPO / ".cache" / "test-downloads"))
+    path = download_cache()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -5,33 +5,22 @@ results/extraction/<owner>.json for the public, the owner's and the merged model
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import stages.audit as audit
+from conftest import copy_project, run_cli
 from flexo.errors import FlexoError
-from flexo.layout import Layout
-from flexo.params import load_params
 from stages.audit import audit_extraction, is_extracted, levenshtein, similarity
-
-
-from flexo.cli import main as run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def project(tiny_project, tmp_path_factory):
     """A copy of the tiny project with a merged model (so all three models are there)."""
-    from stages.merge import merge
-
-    root = tmp_path_factory.mktemp("audit") / "p"
-    shutil.copytree(tiny_project.root, root)
-    layout = Layout.at(root)
-    params = load_params(layout.params)
-    merge(params, layout)
-    return params, layout
+    project = copy_project(tiny_project, tmp_path_factory.mktemp("audit") / "p", merged=True)
+    return project.params, project.layout
 
 
 # ------------------------------------------------------------------------------------ the measure
@@ -132,20 +121,20 @@ def test_memorising_model_is_detected(project, monkeypatch):
     assert report["models"]["public"]["rate"] < 0.5  # a 2-layer width-32 model reproduces ~nothing
 
 
-def test_cli_and_bad_settings(project, capsys):
+def test_cli_and_bad_settings(project):
     params, layout = project
-    rc = run_cli(["--root", str(layout.root), "audit-extraction", "--owner", "beta", "--documents", "4",
-                  "--temperature", "0"])
-    assert rc == 0, capsys.readouterr().err
-    printed = json.loads(capsys.readouterr().out)
+    rc, printed, err = run_cli(["--root", str(layout.root), "audit-extraction", "--owner", "beta", "--documents", "4",
+                                "--temperature", "0"])
+    assert rc == 0, err
+    printed = json.loads(printed)
     assert printed["owner"] == "beta" and set(printed["models"]) == {"public", "expert:beta", "flexolmo"}
     assert (layout.results / "extraction" / "beta.json").is_file()
     for bad, words in ((["--threshold", "1.5"], "--threshold"), (["--documents", "0"], "--documents"),
                        (["--top-p", "0"], "--top-p")):
         out = layout.results / "extraction" / "alpha.json"
         before = out.read_bytes() if out.exists() else None
-        assert run_cli(["--root", str(layout.root), "audit-extraction", "--owner", "alpha", *bad]) == 2
-        err = capsys.readouterr().err
+        rc, _, err = run_cli(["--root", str(layout.root), "audit-extraction", "--owner", "alpha", *bad])
+        assert rc == 2
         assert err.startswith("flexo: error: audit-extraction: ") and words in err and err.count("\n") == 1
         assert (out.read_bytes() if out.exists() else None) == before
     with pytest.raises(FlexoError, match="unknown owner 'gamma'"):

@@ -3,36 +3,19 @@ writes every model × domain score, the tables and the figures; an opt-out row i
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 
 import pytest
-import torch
 import yaml
 
+from conftest import copy_project, direct_rolling_logprobs, run_cli
 from flexo.errors import FlexoError
 from flexo.evaluation import GROUP, evaluate_model, load_tokenizer_for, read_domains, task_name, write_domain_tasks
 from flexo.layout import Layout
 from flexo.modeling import load_model
 from flexo.params import load_params
-
-
-@torch.no_grad()
-def direct_rolling_logprobs(model, ids: list[int], prefix: int, max_len: int) -> list[float]:
-    """log p(ids[j] | its context) for every token, scored in chunks of `max_len` predictions: the first
-    chunk reads the prefix token then ids, every later chunk reads the `max_len` tokens before its end."""
-    out: list[float] = []
-    start = 0
-    while start < len(ids):
-        end = min(start + max_len, len(ids))
-        inp = [prefix] + ids[:end - 1] if start == 0 else ids[end - max_len - 1:end - 1]
-        logp = torch.log_softmax(model(torch.tensor([inp])).logits[0].double(), dim=-1)
-        for k, j in enumerate(range(start, end)):
-            out.append(float(logp[len(inp) - (end - start) + k, ids[j]]))
-        start = end
-    return out
 
 
 def test_domain_tasks_folder(tiny_project, tmp_path):
@@ -78,13 +61,9 @@ def test_bits_per_byte_equals_direct_computation(tiny_project, tmp_path):
 def evaluated(tiny_project, tmp_path_factory):
     """A copy of the tiny project, merged and evaluated by the stage (baselines on, 2 documents per domain)."""
     from stages.evaluate import evaluate
-    from stages.merge import merge
 
-    root = tmp_path_factory.mktemp("evalproj") / "p"
-    shutil.copytree(tiny_project.root, root)
-    layout = Layout.at(root)
-    params = load_params(layout.params)
-    merge(params, layout)
+    project = copy_project(tiny_project, tmp_path_factory.mktemp("evalproj") / "p", merged=True)
+    layout, params, root = project.layout, project.params, project.root
     before = sorted(p.relative_to(root) for p in (root / "models").rglob("*"))
     metrics = evaluate(params, layout, limit=2)
     return layout, params, metrics, before
@@ -140,8 +119,7 @@ def test_figures_and_optout_report(evaluated):
 
 def test_optout_row_is_the_masked_model(evaluated, tmp_path):
     """optout:alpha differs from the full merged model on alpha's domain, and equals a model merged
-    without alpha (deleting an expert = masking its logit), evaluated through the CLI handler."""
-    from stages.evaluate import add_cli
+    without alpha (deleting an expert = masking its logit), evaluated through the CLI."""
     from stages.merge import merge
 
     layout, params, metrics, _ = evaluated
@@ -150,13 +128,9 @@ def test_optout_row_is_the_masked_model(evaluated, tmp_path):
     without = tmp_path / "merged-without-alpha"
     merge(params, layout, exclude=["alpha"], out=without)
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--root", default=".")
-    parser.add_argument("--params", default=None)
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["--root", str(layout.root), "evaluate", "--model", str(without), "--limit", "2"])
-    result = args.run(args)
-    json.dumps(result)  # JSON-able for the CLI
+    rc, out, err = run_cli(["--root", str(layout.root), "evaluate", "--model", str(without), "--limit", "2"])
+    assert rc == 0, err
+    result = json.loads(out)  # printed as JSON
     for d in DOMAINS:
         assert result["bpb"][d] == pytest.approx(opt[d], abs=1e-4)
     assert (layout.results / "adhoc" / "merged-without-alpha.domains.json").is_file()

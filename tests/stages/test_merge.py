@@ -1,12 +1,13 @@
 """`flexo merge`: exact semantics (public-only ≡ public model, {public, alpha} ≡ alpha's own model, router
-rows kept bit for bit), sharding, streaming, and every bad input as a one-line error with no output."""
+rows kept bit for bit), sharding, and every bad input as a one-line error with no output. Streaming one
+tensor at a time is tested in tests/flexo/test_weights.py, the withdrawal clean-up after a merge in
+tests/flexo/test_owners.py."""
 
 from __future__ import annotations
 
 import copy
 import json
 import shutil
-import weakref
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import stages.merge as merge_mod
+from conftest import all_tensors, edit_manifest, edit_package, package_copy, rehash, run_cli
 from flexo.errors import FlexoError
-from flexo.fsutil import sha256_file
 from flexo.modeling import fingerprint, load_model, read_meta
-from flexo.params import load_params
-from flexo.weights import WeightReader
 from stages.merge import merge
-from flexo.cli import main as run_cli  # every stage's subcommand is registered
-from conftest import all_tensors
 
 
 def logits(model_dir: Path, x: torch.Tensor) -> torch.Tensor:
@@ -127,131 +124,47 @@ def test_public_model_in_fused_form_merges_the_same(ctx, merged, tmp_path):
     meta["fingerprint"] = fingerprint(pub)
     (pub / "flexo.json").write_text(json.dumps(meta))
     for owner in ("alpha", "beta"):  # packages name the public model they were trained on
-        pkg = _package_copy(layout, owner, tmp_path / owner)
-        m = json.loads((pkg / "expert.json").read_text())
-        m["public_fingerprint"] = meta["fingerprint"]
-        (pkg / "expert.json").write_text(json.dumps(m))
+        edit_manifest(package_copy(layout, owner, tmp_path / owner), public_fingerprint=meta["fingerprint"])
     out = tmp_path / "m"
     merge(params, layout, public=pub, experts=[tmp_path / "alpha", tmp_path / "beta"], out=out)
     a, b = all_tensors(out), all_tensors(merged)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_merge_streams_one_layer_at_a_time(ctx, tmp_path, monkeypatch):
-    """Every tensor read through safe_open is tracked until it is freed: the merge never holds more than
-    one shard (here sized to one layer) plus one layer's tensors, far less than the whole model."""
-    params, layout = ctx
-    live = {"bytes": 0, "peak": 0}
-
-    def track(t: torch.Tensor) -> torch.Tensor:
-        n = t.numel() * t.element_size()
-        live["bytes"] += n
-        live["peak"] = max(live["peak"], live["bytes"])
-        weakref.finalize(t, lambda: live.__setitem__("bytes", live["bytes"] - n))
-        return t
-
-    class Slice:
-        def __init__(self, s):
-            self.s = s
-
-        def __getitem__(self, idx):
-            return track(self.s[idx])
-
-        def __getattr__(self, name):
-            return getattr(self.s, name)
-
-    class Handle:
-        def __init__(self, h):
-            self.h = h
-
-        def get_tensor(self, key):
-            return track(self.h.get_tensor(key))
-
-        def get_slice(self, key):
-            return Slice(self.h.get_slice(key))
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def __getattr__(self, name):
-            return getattr(self.h, name)
-
-    import flexo.weights as weights_mod
-
-    real_open = weights_mod.safe_open
-    monkeypatch.setattr(weights_mod, "safe_open", lambda *a, **k: Handle(real_open(*a, **k)))
-
-    with WeightReader(layout.public_model, "public") as pub:
-        shared = sum(pub.get(k).nbytes for k in pub.keys() if k.startswith("model.layers.0."))
-        ffn = sum(pub.get(k).nbytes for k in pub.keys() if k.startswith("model.layers.0.mlp.experts."))
-    layer_bytes = shared + 2 * ffn  # one merged layer: shared part + 3 FFNs (public + 2 owners)
-    total = sum(t.nbytes for t in all_tensors(layout.public_model).values()) + 2 * 2 * ffn
-    small = copy.deepcopy(params)
-    small.merge.shard_bytes = layer_bytes
-    live.update(bytes=0, peak=0)
-    merge(small, layout, out=tmp_path / "streamed")
-    assert len(list((tmp_path / "streamed").glob("model-*-of-*.safetensors"))) >= 3, "one shard per layer"
-    # Streamed tensor by tensor: never a whole shard (= one layer here) in memory, let alone the model.
-    assert live["peak"] < layer_bytes, (live, layer_bytes)
-    assert live["peak"] < total * 0.25, (live, total)
-
-
 # ------------------------------------------------------------------------------------------ bad input
-def _package_copy(layout, owner: str, dst: Path) -> Path:
-    shutil.copytree(layout.expert(owner), dst, ignore=shutil.ignore_patterns("model", "loss.csv"))
-    return dst
-
-
-def _rehash(pkg: Path) -> None:
-    meta = json.loads((pkg / "expert.json").read_text())
-    meta["tensors_sha256"] = sha256_file(pkg / "expert.safetensors")
-    (pkg / "expert.json").write_text(json.dumps(meta))
-
-
 def _experts(*paths) -> tuple[list[str], dict]:
     return ["--expert", *map(str, paths)], {"experts": list(paths)}
 
 
 def _truncated(layout, tmp):
-    pkg = _package_copy(layout, "alpha", tmp / "alpha")
+    pkg = package_copy(layout, "alpha", tmp / "alpha")
     data = (pkg / "expert.safetensors").read_bytes()
     (pkg / "expert.safetensors").write_bytes(data[: len(data) // 2])
     return *_experts(pkg, layout.expert("beta")), "corrupt or truncated"
 
 
 def _unreadable(layout, tmp):
-    pkg = _package_copy(layout, "alpha", tmp / "alpha")
+    pkg = package_copy(layout, "alpha", tmp / "alpha")
     (pkg / "expert.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
-    _rehash(pkg)  # the hash matches, the file is still not safetensors
+    rehash(pkg)  # the hash matches, the file is still not safetensors
     return *_experts(pkg), "unreadable"
 
 
 def _nan(layout, tmp):
-    pkg = _package_copy(layout, "alpha", tmp / "alpha")
-    t = load_file(pkg / "expert.safetensors")
-    t["layers.1.up_proj"][3, 4] = float("nan")
-    save_file(t, str(pkg / "expert.safetensors"))
-    _rehash(pkg)
+    pkg = package_copy(layout, "alpha", tmp / "alpha")
+    edit_package(pkg, lambda t: t["layers.1.up_proj"].__setitem__((3, 4), float("nan")))
     return *_experts(pkg), "NaN"
 
 
 def _wrong_fingerprint(layout, tmp):
-    pkg = _package_copy(layout, "beta", tmp / "beta")
-    meta = json.loads((pkg / "expert.json").read_text())
-    meta["public_fingerprint"] = "0" * 64
-    (pkg / "expert.json").write_text(json.dumps(meta))
+    pkg = package_copy(layout, "beta", tmp / "beta")
+    edit_manifest(pkg, public_fingerprint="0" * 64)
     return *_experts(layout.expert("alpha"), pkg), "fingerprint"
 
 
 def _wrong_shape(layout, tmp):
-    pkg = _package_copy(layout, "alpha", tmp / "alpha")
-    t = load_file(pkg / "expert.safetensors")
-    t["layers.0.router"] = torch.zeros(16)
-    save_file(t, str(pkg / "expert.safetensors"))
-    _rehash(pkg)
+    pkg = package_copy(layout, "alpha", tmp / "alpha")
+    edit_package(pkg, lambda t: t.__setitem__("layers.0.router", torch.zeros(16)))
     return *_experts(pkg), "layers.0.router"
 
 
@@ -281,12 +194,11 @@ BAD = [_truncated, _unreadable, _nan, _wrong_fingerprint, _wrong_shape, _twice, 
 
 
 @pytest.mark.parametrize("case", BAD, ids=[f.__name__.strip("_") for f in BAD])
-def test_bad_input_is_one_line_error_exit_2_and_no_output(ctx, tmp_path, capsys, case):
+def test_bad_input_is_one_line_error_exit_2_and_no_output(ctx, tmp_path, case):
     params, layout = ctx
     args, kwargs, words = case(layout, tmp_path)
     out = tmp_path / "out"
-    rc = run_cli(["--root", str(layout.root), "merge", *args, "--out", str(out)])
-    err = capsys.readouterr().err
+    rc, _, err = run_cli(["--root", str(layout.root), "merge", *args, "--out", str(out)])
     assert rc == 2, err
     assert err.startswith("flexo: error: ") and words in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
@@ -297,72 +209,14 @@ def test_bad_input_is_one_line_error_exit_2_and_no_output(ctx, tmp_path, capsys,
     assert not out.exists()
 
 
-def test_cli_merge_success_prints_manifest(ctx, tmp_path, capsys):
+def test_cli_merge_success_prints_manifest(ctx, tmp_path):
     params, layout = ctx
     out = tmp_path / "m"
-    rc = run_cli(["--root", str(layout.root), "merge", "--exclude", "alpha", "--top-k", "1", "--out", str(out)])
-    assert rc == 0
-    printed = json.loads(capsys.readouterr().out)
+    rc, printed, err = run_cli(["--root", str(layout.root), "merge", "--exclude", "alpha", "--top-k", "1", "--out",
+                                str(out)])
+    assert rc == 0, err
+    printed = json.loads(printed)
     assert printed["experts"] == ["public", "beta"] and printed["top_k"] == 1 == read_meta(out)["top_k"]
-
-
-# ----------------------------------------------------------------------------------------- withdrawal
-def _project_copy(ctx, tmp_path):
-    from flexo.layout import Layout
-
-    _, layout = ctx
-    shutil.copytree(layout.root, tmp_path / "p")
-    return Layout.at(tmp_path / "p")
-
-
-def _withdraw_beta(layout, *, lock: bool) -> None:
-    import yaml
-
-    raw = yaml.safe_load(layout.params.read_text())
-    raw["owners"] = ["alpha"]
-    layout.params.write_text(yaml.safe_dump(raw))
-    if lock:  # DVC's record of the last merge: it had alpha and beta
-        (layout.root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
-            "merge": {"cmd": "flexo merge", "params": {"params.yaml": {"owners": ["alpha", "beta"]}}},
-            "train_expert@beta": {"cmd": "flexo train-expert --owner beta"}}}))
-
-
-def test_withdrawal_cleans_up_only_after_a_successful_merge(ctx, tmp_path, caplog):
-    layout = _project_copy(ctx, tmp_path)
-    params = load_params(layout.params)
-    merge(params, layout)  # the last merge: alpha and beta
-    _withdraw_beta(layout, lock=True)
-    params = load_params(layout.params)
-    with caplog.at_level("INFO", logger="flexo.owners"):
-        meta = merge(params, layout)
-    assert meta["experts"] == ["public", "alpha"]
-    assert set(meta["withdrawn_removed"]["beta"]) == {"data/curated/beta", "data/heldout/beta",
-                                                      "models/router/beta.safetensors", "models/router/beta.json",
-                                                      "models/experts/beta"}
-    assert not layout.expert("beta").exists() and layout.expert("alpha").exists()
-    assert "train_expert@beta" not in (layout.root / "dvc.lock").read_text()
-    assert any("withdrawn owner beta: removed models/experts/beta" in r.getMessage() for r in caplog.records)
-
-
-def test_a_package_never_merged_is_never_deleted(ctx, tmp_path):
-    """A package received before its owner is in params.yaml, and a withdrawn owner whose package no merge
-    ever used: both stay (the withdrawn owner's data and rows go, per dvc.lock)."""
-    layout = _project_copy(ctx, tmp_path)
-    shutil.copytree(layout.expert("beta"), layout.root / "models" / "experts" / "gamma")
-    _withdraw_beta(layout, lock=True)  # no models/merged: no evidence that beta's package was ever merged
-    meta = merge(load_params(layout.params), layout)
-    assert (layout.root / "models" / "experts" / "gamma" / "expert.safetensors").is_file()
-    assert layout.expert("beta").is_dir()
-    assert "models/experts/beta" not in meta["withdrawn_removed"]["beta"]
-    assert not layout.curated("beta").exists()
-
-
-def test_without_dvc_the_last_merged_model_says_who_was_withdrawn(ctx, tmp_path):
-    layout = _project_copy(ctx, tmp_path)
-    merge(load_params(layout.params), layout)
-    _withdraw_beta(layout, lock=False)
-    meta = merge(load_params(layout.params), layout)
-    assert "models/experts/beta" in meta["withdrawn_removed"]["beta"] and not layout.expert("beta").exists()
 
 
 def test_trained_packages_stay_far_inside_the_scale_bound(ctx, merged):
@@ -380,15 +234,3 @@ def test_trained_packages_stay_far_inside_the_scale_bound(ctx, merged):
             r_pub = public[f"model.layers.{i}.mlp.gate.weight"][0]
             worst = max(worst, float(pkg[f"layers.{i}.router"].norm() / r_pub.norm()))
     assert 0.1 < worst < merge_mod.SCALE_BOUND / 20, worst
-
-
-def test_a_merge_with_another_params_file_withdraws_nobody(ctx, tmp_path):
-    """`flexo --params other.yaml merge` listing fewer owners merges them, and deletes nothing of the others:
-    only the project's own params.yaml speaks for who was withdrawn."""
-    layout = _project_copy(ctx, tmp_path)
-    merge(load_params(layout.params), layout)
-    other = tmp_path / "alpha-only.yaml"
-    other.write_text(layout.params.read_text().replace("owners: [alpha, beta]", "owners: [alpha]"))
-    meta = merge(load_params(other), layout)
-    assert meta["experts"] == ["public", "alpha"] and "withdrawn_removed" not in meta
-    assert layout.expert("beta").is_dir() and layout.curated("beta").is_dir()

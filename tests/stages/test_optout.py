@@ -1,5 +1,6 @@
 """Opt-out: strict removal (`flexo opt-out`) ≡ merging without the owner ≡ masking it at runtime
-(`flexo.routers.runtime_opt_out`), plus the refusals and the serving class."""
+(`flexo.routers.runtime_opt_out`), plus the refusals. The runtime mask alone is tested in
+tests/flexo/test_routers.py, the serving class in tests/flexo/test_serving.py."""
 
 from __future__ import annotations
 
@@ -11,14 +12,12 @@ import shutil
 import pytest
 import torch
 
+from conftest import all_tensors, run_cli
 from flexo.errors import FlexoError
 from flexo.modeling import load_model, read_meta
 from flexo.routers import runtime_opt_out
-from flexo.serving import FlexoServer
 from stages.merge import merge
 from stages.optout import opt_out
-from flexo.cli import main as run_cli  # every stage's subcommand is registered
-from conftest import all_tensors
 
 EXPERTS = ["public", "alpha", "beta"]
 
@@ -74,71 +73,9 @@ def test_top_k_shrinks_to_experts_left(ctx, tmp_path, tokens):
     torch.testing.assert_close(masked, removed, rtol=0, atol=1e-6)
 
 
-def test_runtime_excluding_every_owner_is_the_public_model(ctx, merged, tokens):
-    params, layout = ctx
-    full = load_model(merged)
-    with torch.no_grad():
-        with runtime_opt_out(full, EXPERTS, ["alpha", "beta"]):
-            masked = full(input_ids=tokens).logits
-        public = load_model(layout.public_model)(input_ids=tokens).logits
-    torch.testing.assert_close(masked, public, rtol=0, atol=1e-6)
-
-
-def test_runtime_mask_in_chosen_layers_only(merged, tokens):
-    """`layers` masks only those layers' routers: all of them = the opt-out, some = something between
-    the full model and the opt-out, and only those routers are patched while active."""
-    full = load_model(merged)
-    n = len(full.model.layers)
-    with torch.no_grad():
-        before = full(input_ids=tokens).logits
-        with runtime_opt_out(full, EXPERTS, ["beta"]):
-            everywhere = full(input_ids=tokens).logits
-        with runtime_opt_out(full, EXPERTS, ["beta"], layers=list(range(n))):
-            all_listed = full(input_ids=tokens).logits
-        with runtime_opt_out(full, EXPERTS, ["beta"], layers=[0]):
-            assert ["forward" in m.mlp.gate.__dict__ for m in full.model.layers] == [True] + [False] * (n - 1)
-            first_only = full(input_ids=tokens).logits
-    torch.testing.assert_close(all_listed, everywhere, rtol=0, atol=0)
-    assert not torch.allclose(first_only, before) and not torch.allclose(first_only, everywhere)
-    with pytest.raises(FlexoError, match=rf"layers \[{n}\] out of range"):
-        with runtime_opt_out(full, EXPERTS, ["beta"], layers=[n]):
-            pass
-    assert all("forward" not in m.mlp.gate.__dict__ for m in full.model.layers)
-
-
-def test_runtime_refusals(merged):
-    full = load_model(merged)
-    with pytest.raises(FlexoError, match="gamma"):
-        with runtime_opt_out(full, EXPERTS, ["gamma"]):
-            pass
-    with pytest.raises(FlexoError, match="public"):
-        with runtime_opt_out(full, EXPERTS, ["public"]):
-            pass
-    with pytest.raises(FlexoError, match="3 experts"):
-        with runtime_opt_out(full, ["public", "alpha"], ["alpha"]):
-            pass
-    with runtime_opt_out(full, EXPERTS, ["beta"]):
-        with pytest.raises(FlexoError, match="already active"):
-            with runtime_opt_out(full, EXPERTS, ["alpha"]):
-                pass
-    assert all("forward" not in m.mlp.gate.__dict__ for m in full.model.layers)
-
-
-def test_server_scores_and_generates_with_exclusions(merged, tmp_path):
-    server = FlexoServer(merged)
-    text = "Calculate 12 + 30. Answer: 42"
-    full, no_beta = server.score(text), server.score(text, exclude=["beta"])
-    assert full < 0 and no_beta < 0 and full != no_beta
-    opt_out(merged, ["beta"], tmp_path / "nb")
-    opted = FlexoServer(tmp_path / "nb")
-    assert abs(opted.score(text) - no_beta) < 1e-4
-    assert isinstance(server.generate("Calculate", exclude=["alpha"], max_new_tokens=4), str)
-    assert server.score(text) == full  # nothing left masked
-
-
 @pytest.mark.parametrize("exclude,words", [(["gamma"], "'gamma'"), (["public"], "public expert"),
                                            (["alpha", "beta"], "every owner")])
-def test_refusals_exit_2_and_write_nothing(ctx, merged, tmp_path, capsys, exclude, words):
+def test_refusals_exit_2_and_write_nothing(ctx, merged, tmp_path, exclude, words):
     params, layout = ctx
     out = tmp_path / "out"
     with pytest.raises(FlexoError) as e:
@@ -146,19 +83,19 @@ def test_refusals_exit_2_and_write_nothing(ctx, merged, tmp_path, capsys, exclud
     assert words in str(e.value)
     if exclude == ["gamma"]:
         assert "['public', 'alpha', 'beta']" in str(e.value)  # lists the model's experts
-    rc = run_cli(["--root", str(layout.root), "opt-out", "--model", str(merged), "--exclude", *exclude,
-                  "--out", str(out)])
-    err = capsys.readouterr().err
+    rc, _, err = run_cli(["--root", str(layout.root), "opt-out", "--model", str(merged), "--exclude", *exclude,
+                          "--out", str(out)])
     assert rc == 2 and err.startswith("flexo: error: ") and words in err and "Traceback" not in err
     assert not out.exists()
 
 
-def test_cli_opt_out(ctx, merged, tmp_path, capsys):
+def test_cli_opt_out(ctx, merged, tmp_path):
     params, layout = ctx
     out = tmp_path / "cli"
-    rc = run_cli(["--root", str(layout.root), "opt-out", "--model", str(merged), "--exclude", "alpha", "--out", str(out)])
-    assert rc == 0
-    assert json.loads(capsys.readouterr().out)["experts"] == ["public", "beta"]
+    rc, printed, err = run_cli(["--root", str(layout.root), "opt-out", "--model", str(merged), "--exclude", "alpha",
+                                "--out", str(out)])
+    assert rc == 0, err
+    assert json.loads(printed)["experts"] == ["public", "beta"]
 
 
 def test_sharded_model_and_non_instant_guarantee(ctx, merged, tmp_path, caplog):

@@ -11,28 +11,23 @@ import pytest
 import torch
 
 import stages.router_tune as rt_mod
+from conftest import all_tensors, copy_project, run_cli
 from flexo.layout import Layout
 from flexo.modeling import read_meta
-from flexo.params import load_params
-from stages.merge import merge
 from stages.router_tune import router_tune
-from flexo.cli import main as run_cli  # every stage's subcommand is registered
-from conftest import all_tensors
 
 
 @pytest.fixture(scope="module")
 def project(tiny_project, tmp_path_factory):
     """A copy of the tiny project with the owners' data deleted (router tuning must not need it), merged."""
-    root = tmp_path_factory.mktemp("rt") / "proj"
-    shutil.copytree(tiny_project.root, root, ignore=shutil.ignore_patterns(".cache"))
-    layout = Layout.at(root)
-    params = load_params(layout.params)
+    project = copy_project(tiny_project, tmp_path_factory.mktemp("rt") / "proj", merged=True,
+                           ignore=shutil.ignore_patterns(".cache"))
+    params, layout = project.params, project.layout
     for owner in params.owners:
         shutil.rmtree(layout.curated(owner))
         shutil.rmtree(layout.heldout(owner), ignore_errors=True)
         shutil.rmtree(layout.owner_inbox(owner))
     params.embed.max_tokens = 32  # faster embedding of the public documents on 2 cores
-    merge(params, layout)
     return params, layout
 
 
@@ -84,15 +79,16 @@ def test_disabled_writes_a_marked_copy(project):
     assert (layout.merged_rt / "tokenizer.json").is_file() and "disabled" in (layout.merged_rt / "README.md").read_text()
 
 
-def test_cli_router_tune(project, tmp_path, capsys):
+def test_cli_router_tune(project, tmp_path):
     params, layout = project
     root = tmp_path / "p"
     root.mkdir()
     text = layout.params.read_text().replace("router_tune: {", "router_tune: {method: none, ")
     (root / "params.yaml").write_text(text)
-    assert run_cli(["--root", str(root), "router-tune"]) == 2  # no merged model yet
-    assert "flexo merge" in capsys.readouterr().err
+    rc, _, err = run_cli(["--root", str(root), "router-tune"])
+    assert rc == 2 and "flexo merge" in err  # no merged model yet
     assert not Layout.at(root).merged_rt.exists()
     shutil.copytree(layout.merged, Layout.at(root).merged)
-    assert run_cli(["--root", str(root), "router-tune"]) == 0
-    assert json.loads(capsys.readouterr().out)["tuned"] is False
+    rc, out, err = run_cli(["--root", str(root), "router-tune"])
+    assert rc == 0, err
+    assert json.loads(out)["tuned"] is False

@@ -10,10 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexo.errors import FlexoError
 from flexo.fsutil import sha256_file
-from flexo.layout import Layout
 from flexo.modeling import fingerprint, read_meta, read_router_row
 from flexo.package import PACKAGE_TENSORS, package_shapes
-from flexo.params import load_params
 from stages.train_expert import train_expert
 
 
@@ -81,15 +79,8 @@ def test_package_holds_only_the_owners_tensors(tiny_project):
     assert "text" not in json.dumps(meta)  # figures and hashes, never data
 
 
-@pytest.fixture
-def project_copy(tiny_project, tmp_path):
-    root = tmp_path / "copy"
-    shutil.copytree(tiny_project.root, root)
-    return Layout.at(root), load_params(root / "params.yaml")
-
-
 def test_resume_after_crash_gives_the_same_expert(project_copy):
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     reference = load_file(layout.expert("alpha") / PACKAGE_TENSORS)
     shutil.rmtree(layout.expert("alpha"))
 
@@ -111,7 +102,7 @@ def test_resume_after_crash_gives_the_same_expert(project_copy):
 
 
 def test_mismatched_public_fingerprint_is_refused(project_copy):
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     path = layout.public_model / "model.safetensors"
     tensors = load_file(path)
     tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
@@ -121,14 +112,14 @@ def test_mismatched_public_fingerprint_is_refused(project_copy):
 
 
 def test_missing_router_embedding_names_the_stage_to_run(project_copy):
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     layout.router_embedding("beta").unlink()
     with pytest.raises(FlexoError, match="run `flexo embed --owner beta`"):
         train_expert("beta", params, layout)
 
 
 def test_empty_split_names_the_fix(project_copy):
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     layout.split_file("beta", "val").write_text("")
     manifest_path = layout.curated("beta") / "manifest.json"  # as if curate had written the empty split
     manifest = json.loads(manifest_path.read_text())
@@ -141,7 +132,7 @@ def test_empty_split_names_the_fix(project_copy):
 def test_embedder_that_fails_to_load_is_one_line(project_copy, tmp_path):
     from stages.embed import embed
 
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     bad = tmp_path / "broken-embedder"
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
@@ -159,7 +150,7 @@ def test_classifier_router_rows_are_fitted_then_frozen(project_copy):
     from stages.train_expert import set_classifier_rows
     from flexo.tokenization import load_tokenizer
 
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     assert params.train_expert.router == "classifier"
     meta = json.loads((layout.expert("alpha") / "expert.json").read_text())
     pkg = load_file(layout.expert("alpha") / PACKAGE_TENSORS)
@@ -178,7 +169,7 @@ def test_classifier_router_rows_are_fitted_then_frozen(project_copy):
 
 
 def test_trained_router_rows_start_from_the_embedding_and_move(project_copy):
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     params.train_expert.router = "trained"
     train_expert("alpha", params, layout, resume=False)
     pkg = load_file(layout.expert("alpha") / PACKAGE_TENSORS)
@@ -191,7 +182,7 @@ def test_unscaled_router_embedding_is_the_raw_embedder_mean(project_copy):
     """embed.row_norm: 0 (the paper's recipe) writes the embedder mean itself as the router row."""
     from stages.embed import embed
 
-    layout, params = project_copy
+    layout, params = project_copy.layout, project_copy.params
     params.embed.row_norm = 0.0
     params.model.hidden_size = 384  # the embedder's width: no projection (the demo's case)
     meta = embed("alpha", params, layout)

@@ -1,0 +1,73 @@
+"""flexo.router_stats: the centre reads an owner's router statistics only if they are that owner's, not
+skipped, of this public model and sound (the checks of flexo.router_fit), and says which owner command
+to run when they are not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flexo.errors import FlexoError
+from flexo.layout import Layout
+from flexo.router_fit import feature_stats
+from flexo.router_stats import MIN_TOKENS, read_update
+
+LAYERS, HIDDEN, FP = 2, 8, "a" * 64
+
+
+def write_update(layout: Layout, name: str, tokens: int = MIN_TOKENS, **info) -> dict:
+    """Statistics at `name`'s path, as `flexo router-update --owner NAME` writes them (`info` overrides
+    the manifest's fields, `owner` included)."""
+    g = torch.Generator().manual_seed(0)
+    stats = feature_stats([torch.randn(tokens, HIDDEN, generator=g) for _ in range(LAYERS)])
+    path = layout.router_update(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(stats, str(path))
+    path.with_suffix(".json").write_text(json.dumps({"owner": name, "public_fingerprint": FP, **info}))
+    return stats
+
+
+def read(layout: Layout, owner: str = "alpha"):
+    return read_update(layout, owner, FP, LAYERS, HIDDEN)
+
+
+def test_an_owners_statistics_are_read_back(tmp_path):
+    layout = Layout.at(tmp_path)
+    written = write_update(layout, "alpha")
+    got = read(layout)
+    assert got.keys() == written.keys() and all(torch.equal(got[k], written[k]) for k in got)
+    assert int(got["tokens"]) == MIN_TOKENS
+    assert read_update(layout, "alpha", None, LAYERS, HIDDEN).keys() == got.keys()  # no fingerprint to compare
+
+
+@pytest.mark.parametrize("setup, words", [
+    (lambda L: None, "no router statistics of 'alpha' .*: run `flexo router-update --owner alpha`"),
+    (lambda L: write_update(L, "alpha", skipped=True, method="proxy"),
+     "statistics of 'alpha' were skipped \\(method proxy\\): rerun `flexo router-update --owner alpha` with "
+     "router_tune.method: federated"),
+    (lambda L: write_update(L, "alpha", public_fingerprint="b" * 64),
+     "come from an expert trained against another public model: rerun `flexo train-expert --owner alpha`"),
+    (lambda L: write_update(L, "alpha", owner="beta"), "say owner 'beta', not 'alpha'"),
+    (lambda L: write_update(L, "alpha", tokens=MIN_TOKENS - 1), f"summarise {MIN_TOKENS - 1} tokens, at least {MIN_TOKENS}"),
+    (lambda L: (write_update(L, "alpha"), L.router_update("alpha").write_bytes(b"garbage")),
+     "router statistics .*alpha.safetensors are unreadable"),
+])
+def test_refusals_name_the_owner_command(tmp_path, setup, words):
+    layout = Layout.at(tmp_path)
+    setup(layout)
+    with pytest.raises(FlexoError, match=words) as e:
+        read(layout)
+    assert "\n" not in str(e.value)
+
+
+def test_another_owners_file_under_this_owners_name_is_refused(tmp_path):
+    layout = Layout.at(tmp_path)
+    write_update(layout, "beta")
+    for suffix in (".safetensors", ".json"):  # beta's statistics copied over alpha's
+        layout.router_update("alpha").parent.joinpath("alpha" + suffix).write_bytes(
+            layout.router_update("beta").with_suffix(suffix).read_bytes())
+    with pytest.raises(FlexoError, match="say owner 'beta', not 'alpha'"):
+        read(layout)
