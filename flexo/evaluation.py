@@ -16,6 +16,7 @@ rolling windows of `max_length` tokens after a prefix (EOS) token.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -60,9 +61,11 @@ def write_domain_tasks(layout: Layout, domains: Sequence[str], out_dir: Path | N
     `cache_dir`: where `datasets` keeps its Arrow copy of the jsonl files (default
     `<root>/.cache/hf-datasets`, inside the project rather than the user's home).
     Refuses a domain without a held-out test split (a one-line FlexoError naming the stage to run).
-    The folder is replaced atomically, so a stale task of a withdrawn owner never lingers.
+    The folder is replaced atomically, so a stale task of a withdrawn owner never lingers. Paths inside
+    it are relative to the folder itself (`evaluate_model` reads the tasks from there), so the same
+    project gives the same bytes on any machine.
     """
-    out_dir = Path(out_dir) if out_dir is not None else domains_tasks_dir(layout)
+    out_dir = (Path(out_dir) if out_dir is not None else domains_tasks_dir(layout)).resolve()
     files = {}
     for d in domains:
         f = (layout.heldout(d) / "test.jsonl").resolve()
@@ -70,13 +73,14 @@ def write_domain_tasks(layout: Layout, domains: Sequence[str], out_dir: Path | N
             raise FlexoError(f"no held-out test split for {d!r} ({f}): run `flexo curate --owner {d}` first")
         files[d] = f
     cache = Path(cache_dir if cache_dir is not None else layout.root / ".cache" / "hf-datasets").resolve()
+    rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
     with atomic_dir(out_dir) as tmp:
         for d, f in files.items():
             config = {
                 "task": task_name(d),
                 "tag": [GROUP + "_tasks"],
                 "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"test": str(f)}, "cache_dir": str(cache)},
+                "dataset_kwargs": {"data_files": {"test": rel(f)}, "cache_dir": rel(cache)},
                 "test_split": "test",
                 "output_type": "loglikelihood_rolling",
                 "doc_to_text": "",
@@ -89,7 +93,7 @@ def write_domain_tasks(layout: Layout, domains: Sequence[str], out_dir: Path | N
                                            "metadata": {"version": 1.0}})
         (tmp / MANIFEST).write_text(json.dumps(
             {"group": GROUP, "domains": {d: task_name(d) for d in domains},
-             "data_files": {d: str(f) for d, f in files.items()}}, indent=2) + "\n")
+             "data_files": {d: rel(f) for d, f in files.items()}}, indent=2) + "\n")
     return out_dir
 
 
@@ -214,15 +218,18 @@ def evaluate_model(
             tokenizer = load_tokenizer_for(Path(tokenizer))
         lm = hf_lm(model.eval(), tokenizer, batch_size=batch_size, max_length=max_length)
 
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[all_domains[d] for d in names],
-        task_manager=task_manager(tasks_dir),
-        limit=limit or None,
-        log_samples=False,
-        bootstrap_iters=0,  # stderr by bootstrap is not used and costs minutes
-        cache_requests=False,
-    )
+    tasks_dir = Path(tasks_dir).resolve()
+    raw_out = Path(raw_out).resolve() if raw_out is not None else None
+    with contextlib.chdir(tasks_dir):  # the task YAMLs name their data relative to their own folder
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[all_domains[d] for d in names],
+            task_manager=task_manager(tasks_dir),
+            limit=limit or None,
+            log_samples=False,
+            bootstrap_iters=0,  # stderr by bootstrap is not used and costs minutes
+            cache_requests=False,
+        )
     if results is None:  # only non-zero ranks get None; flexo runs one process
         raise FlexoError("lm-eval returned no results (a distributed run's non-zero rank?)")
     scores = {}
@@ -237,10 +244,16 @@ def evaluate_model(
     return scores
 
 
+# lm-eval's keys that describe the run rather than the result (when, which commit, which machine): kept
+# out of the written file, which DVC hashes, so that the same evaluation gives the same bytes anywhere.
+RUN_KEYS = ("samples", "date", "git_hash", "upper_git_hash", "pretty_env_info", "start_time", "end_time",
+            "total_evaluation_time_seconds")
+
+
 def write_raw_results(path: Path, results: dict) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    results = {k: v for k, v in results.items() if k != "samples"}
+    results = {k: v for k, v in results.items() if k not in RUN_KEYS}
     with atomic_file(path) as f:
         json.dump(results, f, indent=2, default=handle_non_serializable)
         f.write("\n")

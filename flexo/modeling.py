@@ -240,6 +240,33 @@ def coupled_model(public: FlexOlmoForCausalLM, owner_row: torch.Tensor) -> FlexO
     return model
 
 
+def owner_model_from_package(public_dir: Path, package_dir: Path) -> FlexOlmoForCausalLM:
+    """An owner's 2-expert model rebuilt from the public model and its expert package: the weights the owner
+    trained, exactly — its frozen parts were checked bit-identical to the public model after training, and
+    expert 1's FFN and router row of every layer are the package. Lets a machine that holds only the
+    package (the centre) score the owner's own model and BTM."""
+    from safetensors.torch import load_file
+
+    from flexo.package import ExpertPackage
+
+    package = ExpertPackage.read(package_dir)
+    public_meta = read_meta(public_dir)
+    if package.public_fingerprint != public_meta.get("fingerprint"):
+        raise FlexoError(f"{package.where} was trained against another public model than {public_dir}: "
+                         f"retrain it with `flexo train-expert --owner {package.owner}`")
+    package.verify()
+    public = load_model(public_dir)
+    tensors = load_file(str(package.tensors))
+    model = coupled_model(public, tensors["layers.0.router"])
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            gate_up = torch.cat([tensors[f"layers.{i}.gate_proj"], tensors[f"layers.{i}.up_proj"]])
+            layer.mlp.experts.gate_up_proj[1].copy_(gate_up)
+            layer.mlp.experts.down_proj[1].copy_(tensors[f"layers.{i}.down_proj"])
+            layer.mlp.gate.weight[1].copy_(tensors[f"layers.{i}.router"])
+    return model.eval()
+
+
 # ----------------------------------------------------------------------------------- expert packages
 def expert_tensors(model: FlexOlmoForCausalLM, index: int) -> dict[str, torch.Tensor]:
     """Expert `index`'s FFN and router row of every layer, in package form (per-expert, unfused)."""

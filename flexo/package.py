@@ -65,8 +65,10 @@ class ExpertPackage:
 
     # ------------------------------------------------------------------------------------- reading
     @classmethod
-    def read(cls, folder: Path, owner: str | None = None) -> "ExpertPackage":
-        """Read and type-check `folder`'s manifest; its owner must equal the folder's name (and `owner`)."""
+    def read(cls, folder: Path, owner: str | None = None, *, folder_name: str | None = None) -> "ExpertPackage":
+        """Read and type-check `folder`'s manifest; its owner must equal the folder's name (and `owner`).
+        `folder_name`: the name the folder stands for when it is not its own (a published hand-off,
+        `published/<owner>/package`)."""
         folder = Path(folder)
         meta_path = folder / PACKAGE_META
         if not meta_path.is_file():
@@ -80,7 +82,7 @@ class ExpertPackage:
         name = validate_owner_name(meta["owner"], where)
         if name == PUBLIC:
             raise FlexoError(f"{where} names owner 'public', the name of expert 0: rename the owner")
-        folder_name = folder.resolve().name
+        folder_name = folder_name or folder.resolve().name
         if name != folder_name:
             raise FlexoError(f"{where} says owner {name!r} but the package lies in a folder named {folder_name!r}: "
                              f"a package's owner must equal its folder's name; move it to models/experts/{name} "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from flexo.errors import FlexoError
 
@@ -89,10 +90,13 @@ def _repo(root: Path):
 def _graph(repo) -> StageGraph:
     import networkx as nx
 
-    graph = repo.index.graph  # edges point from a stage to the stages it depends on
+    from dvc.stage import PipelineStage
+
+    # dvc.yaml's stages only: a hand-off pointer (`published/<name>/….dvc`) is a DVC stage too, but no step.
+    graph = repo.index.graph.subgraph([s for s in repo.index.graph.nodes if isinstance(s, PipelineStage)])
     # Dependencies first; among stages free to run, the order in which dvc.yaml lists them.
     position = {s.addressing: i for i, s in enumerate(repo.index.stages)}
-    order = [s.addressing for s in nx.lexicographical_topological_sort(graph.reverse(copy=False),
+    order = [s.addressing for s in nx.lexicographical_topological_sort(graph.reverse(copy=True),
                                                                       key=lambda s: position[s.addressing])]
     deps = {s.addressing: frozenset(d.addressing for d in graph.successors(s)) for s in graph.nodes}
     unpushed = frozenset(s.addressing for s in graph.nodes if any(not o.can_push for o in s.outs))
@@ -104,13 +108,18 @@ def stage_graph(root: Path) -> StageGraph:
         return _graph(repo)
 
 
-def rerun_plan(root: Path) -> tuple[list[str], list[str]]:
+def rerun_plan(root: Path, inputs: Callable[[str, StageGraph], bool] | None = None) -> tuple[list[str], list[str]]:
     """(changed stages per `dvc status`, every stage `dvc repro` would run) in pipeline order — not from
-    `dvc repro --dry`, which under-reports downstream stages."""
+    `dvc repro --dry`, which under-reports downstream stages. Stages for which `inputs(stage, graph)` holds
+    (whose outputs arrive from another machine) are left out, and nothing reruns because of them."""
     with _repo(root) as repo:
-        changed = sorted(repo.status())
         graph = _graph(repo)
+        changed = sorted(s for s in repo.status() if s in graph.deps)
+    if inputs is not None:
+        changed = [s for s in changed if not inputs(s, graph)]
     rerun = set(changed)
     for name in changed:
         rerun |= graph.downstream(name)
+    if inputs is not None:
+        rerun = {s for s in rerun if not inputs(s, graph)}
     return changed, [s for s in graph.order if s in rerun]

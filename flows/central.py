@@ -1,11 +1,12 @@
-"""The central flow: pull the owners' published outputs and the public artifacts from the DVC remote,
-then run the fan-in stages (merge → router tuning → evaluation). It runs in a clone that holds no owner
-data at all.
+"""The central flow: receive every owner's published hand-off (flows/handoff.py), then run the fan-in
+stages of dvc.yaml (merge → router tuning → evaluation). It runs in a clone that holds no owner data at
+all, and refuses to run in one that does.
 
     python -m flows.central [--remote NAME]
 
-What to pull and what to run comes from dvc.yaml (flexo.pipeline_graph): the pushed outputs of the
-public and owner stages, then the central stages.
+The public artifacts are this clone's own (it ran flows/public_artifacts.py) or are received like the packages.
+An owner that has not published, or published for another public model, stops the flow with one line
+naming that owner and what it must run.
 """
 
 from __future__ import annotations
@@ -16,23 +17,32 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flexo.params import load_params
+from flexo import federation
+from flexo.errors import FlexoError
+from flexo.layout import Layout
+from flexo.params import PUBLIC, load_params
 from flexo.pipeline_graph import stage_graph
-from flows.dvc_tasks import dvc, pull
+from flows.dvc_tasks import run_stage
+from flows.handoff import receive
 
 
 @flow(name="flexo-central", log_prints=True)
 def central_flow(root: str = ".", remote: str | None = None) -> dict:
     root_path = Path(root).resolve()
+    layout = Layout.at(root_path)
     owners = load_params(root_path / "params.yaml").owners
-    graph = stage_graph(root_path)
-    published = graph.pushed(graph.public_stages + [s for o in owners for s in graph.owner_stages(o)])
-    pull(published, str(root_path), remote)
-    states = {}
-    for stage in graph.central_stages:
-        # --single-item: the owners' upstream stages ran on their machines; their data is not here.
-        dvc(["repro", "--single-item", stage], root_path)
-        states[stage] = "ran"
+    print(f"flexo central flow in {root_path} for owners {owners}")
+    here = federation.holds_owner_data(layout, owners)
+    if here:
+        raise FlexoError(f"{root_path} holds the data of {here}: the central flow runs only in a clone without any "
+                         "owner's data (owners run flows/owner.py on their own machines)")
+    states: dict = {}
+    if not (layout.public_model / "flexo.json").is_file():
+        states["receive-public"] = receive(PUBLIC, str(root_path), remote)
+    for owner in owners:
+        states[f"receive-{owner}"] = receive(owner, str(root_path), remote)
+    for stage in stage_graph(root_path).central_stages:
+        states[stage] = run_stage(stage, str(root_path))
     table = root_path / "results" / "table.md"
     if table.is_file():
         create_markdown_artifact(key="flexo-central-results", markdown=table.read_text())

@@ -1,11 +1,12 @@
-"""The flow a data owner runs on its own machine: its stages before the merge (curate → embed → train
-its expert → router statistics), then a push of what it publishes — the expert package, router row and
-router statistics — to the shared DVC remote. Curated data is `push: false` in dvc.yaml: the owner's text
-never leaves its machine.
+"""The flow a data owner runs on its own machine: pull the public artifacts, run its stages before the
+merge (curate → embed → train its expert → router statistics), then publish its hand-off — the expert
+package, router row and router statistics, nothing else (flexo/federation.py) — to the DVC remote, with
+a pointer file of its own in git. The owner's text, full model, loss log and checkpoints stay here.
 
-    python -m flows.owner --owner news [--remote NAME]
+    python -m flows.owner --owner news [--remote NAME] [--build-public]
 
-Which stages are the owner's, and which of them are pushed, comes from dvc.yaml (flexo.pipeline_graph).
+Which stages are the owner's comes from dvc.yaml (flexo.pipeline_graph). `--build-public` builds the
+public artifacts here instead of pulling them (one machine playing every part).
 """
 
 from __future__ import annotations
@@ -15,22 +16,27 @@ from pathlib import Path
 
 from prefect import flow
 
-from flexo.params import load_params
+from flexo.params import PUBLIC, load_params
 from flexo.pipeline_graph import stage_graph
-from flows.dvc_tasks import push, run_stage
+from flows.dvc_tasks import run_stage
+from flows.handoff import publish, receive
 
 
 @flow(name="flexo-owner", log_prints=True)
-def owner_flow(owner: str, root: str = ".", remote: str | None = None, public_stages: bool = True) -> dict:
+def owner_flow(owner: str, root: str = ".", remote: str | None = None, build_public: bool = False) -> dict:
     root_path = Path(root).resolve()
     load_params(root_path / "params.yaml").check_owner(owner)
+    print(f"flexo owner flow for {owner} in {root_path}")
     graph = stage_graph(root_path)
     states = {}
-    # Public artifacts: pulled from the remote in a real deployment, or rebuilt here.
-    for stage in (graph.public_stages if public_stages else []) + graph.owner_stages(owner):
+    if build_public:
+        for stage in graph.public_stages:
+            states[stage] = run_stage(stage, str(root_path))
+    else:
+        states["receive-public"] = receive(PUBLIC, str(root_path), remote)
+    for stage in graph.owner_stages(owner):
         states[stage] = run_stage(stage, str(root_path))
-    push(graph.pushed(graph.owner_stages(owner)), str(root_path), remote)
-    states["push"] = "pushed"
+    states["publish"] = publish(owner, str(root_path), remote)
     return states
 
 
@@ -39,5 +45,6 @@ if __name__ == "__main__":
     ap.add_argument("--owner", required=True)
     ap.add_argument("--root", default=".")
     ap.add_argument("--remote", default=None)
+    ap.add_argument("--build-public", action="store_true")
     a = ap.parse_args()
-    print(owner_flow(a.owner, a.root, a.remote))
+    print(owner_flow(a.owner, a.root, a.remote, a.build_public))

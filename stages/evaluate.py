@@ -18,8 +18,8 @@ only — never an owner's train or val split):
   `expert:<owner>` rows replay those (lm-eval still scores them) rather than running each model twice.
 
 Writes `results/metrics.json` (DVC metrics: `bpb` {model: {domain: bits-per-byte}}, `avg_owner_bpb`
-{model: mean over owner domains}, `wall_s`, `eval_s` per model), `results/table.md` (best per column in
-bold), `results/bpb.png`, `results/optout.md` + `results/optout.png` (each opt-out's change vs the full
+{model: mean over owner domains, when any owner's held-out split is here}; run times go to
+.cache/timings.jsonl, not into DVC-hashed files), `results/table.md` (best per column in bold), `results/bpb.png`, `results/optout.md` + `results/optout.png` (each opt-out's change vs the full
 merged model), lm-eval's raw results per model in `results/lm_eval/<model>.json` and the generated task
 folder `results/tasks/domains/`. Every file is written to a temp name and renamed. A `--model` run writes
 its raw results to `results/adhoc/` and touches none of the stage's outputs.
@@ -62,6 +62,17 @@ def _effective_limit(params: Params, limit: int | None) -> int | None:
     if not 0 <= value <= 10**9:
         raise FlexoError(f"--limit must be between 0 (every document) and 1000000000, got {value}")
     return value or None
+
+
+def owner_model_path(layout: Layout, owner: str) -> Path:
+    """The owner's model folder where it exists, else its package folder (rebuilt from the public model)."""
+    model = layout.expert(owner) / "model"
+    if (model / "config.json").is_file():
+        return model
+    if not (layout.expert(owner) / "expert.json").is_file():
+        raise FlexoError(f"no model or expert package of owner {owner!r} in {layout.expert(owner)}: run "
+                         f"`flexo train-expert --owner {owner}` (or receive its published package) first")
+    return layout.expert(owner)
 
 
 def _require_model(path: Path, what: str, stage: str) -> Path:
@@ -107,8 +118,9 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
     if not params.evaluate.baselines:
         return jobs
 
-    expert_models = {o: _require_model(layout.expert(o) / "model", f"model of owner {o!r}", f"train-expert --owner {o}")
-                     for o in params.owners}
+    # An owner's own model: its folder where the owner trained here, else rebuilt from the public model and
+    # the owner's package (the same weights: everything but the package is the public model, bit for bit).
+    expert_models = {o: owner_model_path(layout, o) for o in params.owners}
 
     @contextlib.contextmanager
     def soup():
@@ -160,7 +172,8 @@ def _run_order(job: _Job) -> int:
 class _ModelCache:
     """Loads each model folder once and keeps it while a later job of the plan still needs it."""
 
-    def __init__(self):
+    def __init__(self, public_model: Path):
+        self.public_model = Path(public_model)  # what an owner's model is rebuilt on from its package
         self.models: dict[Path, Any] = {}
         self.pending: dict[Path, int] = {}
 
@@ -169,11 +182,15 @@ class _ModelCache:
 
     @contextlib.contextmanager
     def use(self, path: Path) -> Iterator[Any]:
-        from flexo.modeling import load_model
+        from flexo.modeling import load_model, owner_model_from_package
 
         path = Path(path)
         if path not in self.models:
-            self.models[path] = load_model(path).to(default_device())
+            if (path / "config.json").is_file():
+                model = load_model(path)
+            else:  # an expert package without the owner's model folder (a central machine)
+                model = owner_model_from_package(self.public_model, path)
+            self.models[path] = model.to(default_device())
         try:
             yield self.models[path]
         finally:
@@ -191,7 +208,7 @@ def _count_uses(params: Params, layout: Layout, cache: _ModelCache, jobs: list[_
     if "flexolmo-rt" in names:
         cache.expect(layout.merged_rt)
     for o in params.owners:
-        cache.expect(layout.expert(o) / "model", int("btm" in names or f"expert:{o}" in names))
+        cache.expect(owner_model_path(layout, o), int("btm" in names or f"expert:{o}" in names))
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -233,7 +250,7 @@ def _evaluate_one(params: Params, layout: Layout, model_dir: Path, domains: list
     owners = [d for d in domains if d != PUBLIC]
     return {"model": str(model_dir), "suite": "domains", "limit": limit or 0,
             "bpb": {d: round(v, 6) for d, v in scores.items()},
-            "avg_owner_bpb": round(_mean([scores[d] for d in owners]), 6),
+            "avg_owner_bpb": round(_mean([scores[d] for d in owners]), 6) if owners else None,
             "lm_eval_results": str(raw), "wall_s": round(time.time() - started, 1)}  # printed, not written
 
 
@@ -242,7 +259,7 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
 
     started = time.time()
     _require_model(layout.public_model, "public model", "train-public")
-    cache = _ModelCache()
+    cache = _ModelCache(layout.public_model)
     jobs = _plan(params, layout, lambda: tokenizer, cache)  # checks every input before anything is written
     _count_uses(params, layout, cache, jobs)
     tokenizer = load_tokenizer_for(layout.public_model, layout.tokenizer)
@@ -265,8 +282,10 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
     bpb = {j.name: bpb[j.name] for j in jobs}  # back to the plan's (table) order
     eval_s = {j.name: eval_s[j.name] for j in jobs}
     owners = [d for d in domains if d != PUBLIC]
-    avg = {m: round(_mean([s[d] for d in owners]), 6) for m, s in bpb.items()}
-    metrics = {"bpb": bpb, "avg_owner_bpb": avg, "limit": limit or 0, "max_length": ev.max_length}
+    metrics = {"bpb": bpb, "limit": limit or 0, "max_length": ev.max_length, "domains": domains,
+               "public_only": not owners}
+    if owners:  # no NaN in metrics (not JSON): without an owner's held-out split there is no owner average
+        metrics["avg_owner_bpb"] = {m: round(_mean([s[d] for d in owners]), 6) for m, s in bpb.items()}
 
     out = layout.results
     # Raw results of models no longer in the plan (a withdrawn owner, baselines turned off) would be stale.
@@ -285,7 +304,8 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
     # Which expert each domain's tokens go to, layer by layer, for every model with more than one expert.
     from flexo.routing_report import routing_analysis
 
-    routed = {"flexolmo": layout.merged, **{f"expert:{o}": layout.expert(o) / "model" for o in owners}}
+    routed = {"flexolmo": layout.merged, **{f"expert:{o}": layout.expert(o) / "model" for o in owners
+                                            if (layout.expert(o) / "model" / "config.json").is_file()}}
     if "flexolmo-rt" in bpb:
         routed["flexolmo-rt"] = layout.merged_rt
     metrics["routing"] = _routing_summary(routing_analysis(params, layout, routed, domains=domains))
@@ -328,9 +348,10 @@ def _mean(values: list[float]) -> float:
 
 def render_table(bpb: dict[str, dict[str, float]], domains: list[str], owners: list[str], *,
                  limit: int | None, max_length: int) -> str:
-    """Markdown: rows = models, columns = domains + the mean over owner domains; best per column bold."""
-    cols = [*domains, AVG]
-    rows = {m: [s[d] for d in domains] + [_mean([s[d] for d in owners])] for m, s in bpb.items()}
+    """Markdown: rows = models, columns = domains + the mean over owner domains (when any owner's held-out
+    split is here); best per column bold."""
+    cols = [*domains, AVG] if owners else list(domains)
+    rows = {m: [s[d] for d in domains] + ([_mean([s[d] for d in owners])] if owners else []) for m, s in bpb.items()}
     best = [min(round(r[i], 3) for r in rows.values()) for i in range(len(cols))]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for m, r in rows.items():
@@ -340,8 +361,11 @@ def render_table(bpb: dict[str, dict[str, float]], domains: list[str], owners: l
     caption = (
         f"Bits per byte (lower is better) on each domain's held-out test split ({docs} of "
         "`data/heldout/<domain>/test.jsonl`), measured with lm-eval `loglikelihood_rolling` in rolling windows of "
-        f"{max_length} tokens; **bold** = best in the column; `{AVG}` = mean over the owner domains "
-        f"({', '.join(owners)}). public = the public dense model; flexolmo = the merged MoE (-rt: router-tuned); "
+        f"{max_length} tokens; **bold** = best in the column; "
+        + (f"`{AVG}` = mean over the owner domains ({', '.join(owners)}). " if owners else
+           "every column is public text: no owner's held-out split is here (it stays with its owner), so the "
+           "owner domains are not scored on this machine. ")
+        + "public = the public dense model; flexolmo = the merged MoE (-rt: router-tuned); "
         "soup = all expert FFNs averaged into one dense model; btm = posterior-weighted ensemble of the public "
         "model and every owner's model; expert:X = owner X's own 2-expert model; optout:X = the merged model "
         "with X's expert masked out at run time."
@@ -356,12 +380,15 @@ def render_optout(optout: dict[str, dict[str, float]], full: dict[str, float], d
             "domain is expected to get worse and the others to change little.\n\n")
     if not optout:
         return head + "No opt-out was evaluated (`evaluate.baselines: false`).\n"
-    lines = ["| model | " + " | ".join(domains) + f" | {AVG} |", "|---|" + "---:|" * (len(domains) + 1)]
+    avg_col = f" | {AVG} |" if owners else " |"
+    lines = ["| model | " + " | ".join(domains) + avg_col, "|---|" + "---:|" * (len(domains) + bool(owners))]
     full_avg = _mean([full[d] for d in owners])
-    lines.append("| flexolmo | " + " | ".join(f"{full[d]:.3f}" for d in domains) + f" | {full_avg:.3f} |")
+    lines.append("| flexolmo | " + " | ".join(f"{full[d]:.3f}" for d in domains)
+                 + (f" | {full_avg:.3f} |" if owners else " |"))
     for m, s in optout.items():
         avg = _mean([s[d] for d in owners])
-        cells = [f"{s[d]:.3f} ({s[d] - full[d]:+.3f})" for d in domains] + [f"{avg:.3f} ({avg - full_avg:+.3f})"]
+        cells = [f"{s[d]:.3f} ({s[d] - full[d]:+.3f})" for d in domains]
+        cells += [f"{avg:.3f} ({avg - full_avg:+.3f})"] if owners else []
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -383,9 +410,10 @@ def _save(fig, path: Path) -> None:
 def plot_bpb(path: Path, bpb: dict[str, dict[str, float]], domains: list[str], owners: list[str]) -> None:
     """Grouped bars: one group per domain (+ the owner average), one bar per model."""
     plt = _pyplot()
-    groups = [*domains, AVG]
+    groups = [*domains, AVG] if owners else list(domains)
     models = list(bpb)
-    values = {m: [bpb[m][d] for d in domains] + [_mean([bpb[m][d] for d in owners])] for m in models}
+    values = {m: [bpb[m][d] for d in domains] + ([_mean([bpb[m][d] for d in owners])] if owners else [])
+              for m in models}
     width = 0.8 / max(1, len(models))
     fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(groups) * max(1, len(models)) * 0.35 + 2), 4.5))
     cmap = plt.get_cmap("tab20")

@@ -262,3 +262,80 @@ def direct_rolling_logprobs(model, ids: list[int], prefix: int, max_len: int) ->
                 out.append(float(logp[len(inp) - (end - start) + k, ids[j]]))
             start = end
     return out
+
+
+# ------------------------------------------------------------------------ git, DVC and Prefect in clones
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def sh(root: Path, *cmd: str, check: bool = True):
+    """A command in `root` as a user's shell runs it: the venv's tools first on PATH, DVC quiet and offline."""
+    import subprocess
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(DVC_NO_ANALYTICS="1", FLEXO_DOWNLOADS=str(download_cache()),
+               DVC_SITE_CACHE_DIR=str(Path(root) / ".cache" / "dvc-site"))
+    r = subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True)
+    if check and r.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+# ------------------------------------------------------------------------------ a federation of clones
+def federation_origin(tiny: Path, root: Path, dvc_remote: Path) -> Path:
+    """The project as its maintainers commit it: tiny params, this repository's pipeline and code, a DVC
+    remote; no data, no models (owners' inbox folders hold only their .gitkeep)."""
+    root.mkdir(parents=True)
+    for name in ("params.yaml",):
+        shutil.copy(tiny / name, root / name)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "prefect.yaml"):
+        shutil.copy(REPO / name, root / name)
+    for package in ("flexo", "stages", "flows"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for owner in ("alpha", "beta"):
+        (root / "data" / "owners" / owner).mkdir(parents=True)
+        (root / "data" / "owners" / owner / ".gitkeep").touch()
+    sh(root, "git", "init", "-q", "-b", "main")
+    sh(root, "dvc", "init", "-q")
+    sh(root, "dvc", "config", "core.analytics", "false")
+    sh(root, "dvc", "remote", "add", "-d", "store", str(dvc_remote))
+    sh(root, "git", "add", "-A")
+    sh(root, *GIT, "commit", "-qm", "flexo project")
+    return root
+
+
+def git_clone(remote: Path, dst: Path) -> Path:
+    sh(remote.parent, "git", "clone", "-q", str(remote), str(dst))
+    return dst
+
+
+PUBLIC_OUTPUTS = ("data/curated/public", "data/heldout/public", "models/tokenizer", "models/public",
+                  "models/router/public.safetensors", "models/router/public.json")
+
+
+def public_built_as_dvc_would(tiny: Path, clone: Path) -> None:
+    """The shared fixture's public artifacts in `clone`, recorded in its dvc.lock as if its public stages
+    had run there (the public text of the tiny project is not a packaged source a stage could fetch)."""
+    for rel in PUBLIC_OUTPUTS:
+        src, dst = tiny / rel, clone / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    sh(clone, "dvc", "commit", "--force", "--quiet", "curate_public", "tokenizer", "embed_public", "train_public")
+
+
+def owner_clone(remote: Path, dst: Path, tiny, owner: str) -> Path:
+    """An owner's machine: a clone holding only that owner's own documents."""
+    git_clone(remote, dst)
+    shutil.rmtree(dst / "data" / "owners" / owner)
+    shutil.copytree(tiny.owner_inbox(owner), dst / "data" / "owners" / owner)
+    return dst

@@ -132,3 +132,12 @@ def test_every_stage_module_is_a_cli_command():
 
     on_disk = {p.stem for p in (REPO / "stages").glob("*.py") if p.stem != "__init__"}
     assert set(STAGES) == on_disk
+
+
+def test_no_flow_module_shadows_an_installed_module():
+    """Prefect runs a deployment's entrypoint with flows/ on sys.path: a flows/public.py once hid the
+    `public` package that DVC's lock library imports, and every deployment run failed."""
+    import pkgutil
+
+    installed = {m.name for m in pkgutil.iter_modules() if not str(getattr(m.module_finder, "path", "")).startswith(str(REPO))}
+    assert [p.stem for p in (REPO / "flows").glob("*.py") if p.stem in installed] == []

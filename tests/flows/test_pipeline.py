@@ -1,41 +1,18 @@
 """The pipeline as DVC and Prefect run it, on the tiny project: the Prefect pipeline flow over the shared
 fixture's trained artifacts (each task a DVC stage), the same stage giving the same bytes through the CLI,
-`dvc repro` and Prefect, an owner adding data, an owner withdrawing, `flexo status`, and the exchange
-through a DVC remote: owners push packages, a central clone with no owner data merges and evaluates."""
+`dvc repro` and Prefect, an owner adding data, an owner withdrawing and `flexo status` (the exchange between machines is
+tests/flows/test_federation.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, tree
-
-BIN = Path(sys.executable).parent
-GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-
-
-def _env(root: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    env.update(DVC_NO_ANALYTICS="1", FLEXO_DOWNLOADS=str(REPO / ".cache" / "test-downloads"),
-               DVC_SITE_CACHE_DIR=str(root / ".cache" / "dvc-site"))
-    return env
-
-
-def sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(cmd), cwd=root, env=_env(root), capture_output=True, text=True)
-    if check and r.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
+from conftest import GIT, REPO, sh, tree
 
 def dvc_project(tiny: Path, root: Path) -> Path:
     """A git + DVC project holding the shared fixture's data and trained artifacts, with this repository's
@@ -62,13 +39,6 @@ def dvc_project(tiny: Path, root: Path) -> Path:
 def lock_stages(root: Path) -> set[str]:
     return set((yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {}))
 
-
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -143,34 +113,6 @@ def test_withdrawing_an_owner_leaves_no_trace(repro_project):
     assert "beta" not in metrics
     assert "beta" not in (root / "results" / "table.md").read_text()
     assert sh(root, "dvc", "status", "--quiet", check=False).returncode == 0
-
-
-def test_central_clone_without_owner_data_merges_from_the_remote(repro_project, tmp_path, prefect_harness):
-    """Owners push their packages to a DVC remote; a central clone that has none of their data pulls
-    the packages and public artifacts, merges, tunes and evaluates on public data."""
-    from flows.central import central_flow
-
-    owners_side = repro_project
-    remote = tmp_path / "remote"
-    sh(owners_side, "dvc", "remote", "add", "-f", "-d", "store", str(remote))
-    sh(owners_side, "dvc", "push")
-    sh(owners_side, "git", "add", "-A")
-    sh(owners_side, *GIT, "commit", "-qm", "packages")
-    # Nothing of the owners' text went to the remote: their curated data is `push: false`.
-    pushed = {p.name for p in remote.rglob("*") if p.is_file()}
-    for owner in yaml.safe_load((owners_side / "params.yaml").read_text())["owners"]:
-        train = (owners_side / "data" / "curated" / owner / "train.jsonl").read_bytes()
-        assert hashlib.md5(train).hexdigest()[2:] not in pushed
-    central = tmp_path / "central"
-    sh(tmp_path, "git", "clone", "-q", str(owners_side), str(central))
-    assert not [p for p in (central / "data" / "owners").rglob("*") if p.is_file() and p.name != ".gitkeep"]
-    states = central_flow(root=str(central))
-    assert states == {"merge": "ran", "router_tune": "ran", "evaluate": "ran"}
-    assert not (central / "data" / "curated" / "alpha").exists()
-    merged = json.loads((central / "models" / "merged" / "flexo.json").read_text())
-    assert merged["experts"][0] == "public" and len(merged["experts"]) >= 2
-    metrics = json.loads((central / "results" / "metrics.json").read_text())
-    assert list(metrics["bpb"]["flexolmo"]) == ["public"]  # evaluated on public data only
 
 
 def test_prefect_yaml_validates_and_every_entrypoint_imports():

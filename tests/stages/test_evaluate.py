@@ -24,7 +24,10 @@ def test_domain_tasks_folder(tiny_project, tmp_path):
     assert read_domains(tasks) == {d: task_name(d) for d in ("public", "alpha", "beta")}
     cfg = yaml.safe_load((tasks / f"{task_name('alpha')}.yaml").read_text())
     data_file = cfg["dataset_kwargs"]["data_files"]["test"]
-    assert data_file == str((layout.heldout("alpha") / "test.jsonl").resolve()) and data_file.startswith("/")
+    # relative to the task folder itself (machine-independent bytes); evaluate_model reads from there
+    assert not data_file.startswith("/")
+    assert (tasks / data_file).resolve() == (layout.heldout("alpha") / "test.jsonl").resolve()
+    assert (tasks / cfg["dataset_kwargs"]["cache_dir"]).resolve() == (tmp_path / "ds").resolve()
     assert cfg["output_type"] == "loglikelihood_rolling"
     assert [m["metric"] for m in cfg["metric_list"]] == ["word_perplexity", "byte_perplexity", "bits_per_byte"]
     group = yaml.safe_load((tasks / f"{GROUP}.yaml").read_text())
@@ -197,7 +200,7 @@ def test_plan_has_flexolmo_rt_only_when_tuned(evaluated, tmp_path):
     no_baselines = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, baselines=False))
 
     def names(p):
-        return [j.name for j in _plan(p, fake, lambda: None, _ModelCache())]
+        return [j.name for j in _plan(p, fake, lambda: None, _ModelCache(fake.public_model))]
 
     (fake.merged_rt / "flexo.json").write_text(json.dumps(dict(meta, kind="merged-rt", tuned=True)))
     assert names(no_baselines) == ["public", "flexolmo", "flexolmo-rt"]
