@@ -118,7 +118,7 @@ def negative_bias(model_dir: Path, layout: Layout, params, bias: float) -> torch
     from flexo.data import read_split
 
     blocks = pack(tok, read_split(layout, PUBLIC, "train"), params.model.max_seq_len, "public")
-    mus = [h.mean(0) for h in router_inputs(public, blocks, max_blocks=params.router_tune.stats_blocks)]
+    mus = [h.mean(0) for h in router_inputs(public, blocks, max_blocks=params.router_tune.stats_documents)]
     model = load_model(model_dir)
     for gate, mu in zip(gates(model), mus):
         unit = mu / mu.norm()

@@ -93,10 +93,10 @@ class Bench:
     def real_feature_fit(self) -> None:
         rt = self.params.router_tune
         feats = [router_inputs(load_model(self.layout.public_model), self.blocks(PUBLIC, "train"),
-                               max_blocks=rt.stats_blocks)]
+                               max_blocks=rt.stats_documents)]
         for o in self.owners:
             feats.append(router_inputs(load_model(self.layout.expert(o) / "model"), self.blocks(o, "train"),
-                                       max_blocks=rt.stats_blocks))
+                                       max_blocks=rt.stats_documents))
         model = load_model(self.layout.merged_rt)
         fits = [multinomial_rows([f[i] for f in feats], l2=rt.fit_l2, steps=rt.fit_steps, lr=rt.fit_lr)
                 for i in range(len(feats[0]))]
@@ -134,7 +134,7 @@ class Bench:
     # ------------------------------------------------------------------------------------------ 5
     def separability(self) -> dict:
         model = load_model(self.layout.public_model)
-        blocks = self.params.router_tune.stats_blocks
+        blocks = self.params.router_tune.stats_documents
         train = [router_inputs(model, self.blocks(d, "train"), max_blocks=blocks) for d in self.domains]
         test = [router_inputs(model, self.blocks(d, "test"), max_blocks=blocks) for d in self.domains]
         rt = self.params.router_tune

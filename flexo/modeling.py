@@ -9,6 +9,7 @@ Every model flexo writes is a plain `FlexOlmoForCausalLM` folder (loads with
 from __future__ import annotations
 
 import hashlib
+import logging
 
 from pathlib import Path
 from typing import Iterable
@@ -22,6 +23,8 @@ from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, read_json, write_json
 from flexo.params import OWNER_NAME, PUBLIC, ModelParams
 
+log = logging.getLogger(__name__)
+
 META = "flexo.json"
 # Files a served model needs besides its weights and config (copied verbatim when present).
 SUPPORT_FILES = (
@@ -31,7 +34,7 @@ SUPPORT_FILES = (
 )
 # Every file flexo writes into a model folder (globs): a folder holding anything else is not replaced.
 MODEL_FILES = ("config.json", META, "README.md", "loss.csv", "model.safetensors", "model-*-of-*.safetensors",
-               "model.safetensors.index.json", *SUPPORT_FILES)
+               "model.safetensors.index.json", "router_stats.safetensors", *SUPPORT_FILES)
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -64,6 +67,18 @@ def check_top_k(top_k: int, num_experts: int) -> None:
     # transformers does not validate this; forward would fail later with "selected index k out of range".
     if not 1 <= top_k <= num_experts:
         raise FlexoError(f"top-k {top_k} is out of range: it must be between 1 and the {num_experts} experts")
+
+
+def effective_top_k(requested: int, num_experts: int, what: str) -> int:
+    """The one rule of merge and opt-out when fewer experts remain than top-k asks for: clamp to the
+    experts there are, and say so (the released FlexOlmo RT model runs 7 of 7: withdrawing an owner must
+    not make its next merge fail)."""
+    if requested < 1:
+        raise FlexoError(f"top-k {requested} is out of range: it must be at least 1")
+    if requested > num_experts:
+        log.warning("%s: top-k %d > %d experts: using top-%d (recorded in flexo.json as top_k, with top_k_requested)",
+                    what, requested, num_experts, num_experts)
+    return min(requested, num_experts)
 
 
 def with_experts(config: FlexOlmoConfig, num_experts: int, top_k: int) -> FlexOlmoConfig:

@@ -56,6 +56,7 @@ def _feature_scale(features: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(list(features)).std(0).mean()
 
 
+@torch.enable_grad()
 def domain_classifier(own: list[torch.Tensor], public: list[torch.Tensor], *, l2: float, steps: int, lr: float
                       ) -> tuple[list[torch.Tensor], list[dict]]:
     """Per layer: w with sigmoid(w·h) ≈ P(own text | h), classes weighted equally, no intercept."""
@@ -153,6 +154,7 @@ def gaussian_samples(mean: torch.Tensor, cov: torch.Tensor, n: int, generator: t
     return (mean.double() + z @ chol.T).float()
 
 
+@torch.enable_grad()  # fitted with autograd even when called under no_grad (a server request)
 def multinomial_rows(xs: Sequence[torch.Tensor], *, l2: float, steps: int, lr: float) -> tuple[torch.Tensor, dict]:
     """W [C-1, d] of a multinomial logistic regression over the classes of `xs` (one [n_c, d] tensor per
     class, class 0 the reference with W_0 = 0, no intercept), classes weighted equally."""
@@ -190,6 +192,9 @@ def fit_router(stats: list[dict[str, torch.Tensor]], num_layers: int, *, samples
     logit is the reference, W_0 = 0), fitted on `samples` Gaussian draws per class, classes weighted
     equally. Router row of expert c = r_pub + W[c-1]. A fit that collapses is refused, naming the class
     (`names`, public first) whose statistics stand furthest from the others' scale."""
+    if len(stats) < 2:  # only the public class is left (every owner opted out): no rows to fit
+        d = stats[0]["layers.0.mean"].numel() if stats else 0
+        return [torch.zeros(0, d) for _ in range(num_layers)], [{"classes": len(stats)} for _ in range(num_layers)]
     g = torch.Generator().manual_seed(seed)
     rows, figures = [], []
     for layer in range(num_layers):

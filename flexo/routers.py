@@ -82,7 +82,8 @@ def _masked_forward(router: torch.nn.Module, mask: torch.Tensor, top_k: int):
 
 @contextlib.contextmanager
 def runtime_opt_out(model: torch.nn.Module, experts: list[str], exclude: Sequence[str],
-                    layers: Sequence[int] | None = None) -> Iterator[torch.nn.Module]:
+                    layers: Sequence[int] | None = None,
+                    kept_weights: Sequence[torch.Tensor] | None = None) -> Iterator[torch.nn.Module]:
     """While active, the experts named in `exclude` get router logit -inf in every layer (never chosen,
     weight 0) and each layer keeps top-k = min(k, experts left); on exit the routers are restored exactly.
 
@@ -90,6 +91,9 @@ def runtime_opt_out(model: torch.nn.Module, experts: list[str], exclude: Sequenc
     allowed here (the model then computes the public model's function); excluding `public` is not.
     `layers` (decoder layer indices) limits the mask to those layers — a diagnostic (which layer's
     routing matters, experiments/routing_ceiling.py); an opt-out masks every layer (None).
+    `kept_weights` (per layer, [experts kept, h]) replaces the kept experts' router rows while the block
+    runs: a router-tuned model's rows refitted without the excluded owners (flexo.refit), which makes the
+    masked model exactly the refitted model.
     """
     experts = list(experts)
     n = getattr(model.config, "num_experts", None)
@@ -109,15 +113,23 @@ def runtime_opt_out(model: torch.nn.Module, experts: list[str], exclude: Sequenc
         layer_routers = [layer_routers[i] for i in dict.fromkeys(layers)]
     if any(getattr(r, _ACTIVE, False) for r in layer_routers):
         raise FlexoError("runtime_opt_out is already active on this model: pass all exclusions in one call")
+    if kept_weights is not None and (layers is not None or len(kept_weights) != len(layer_routers)):
+        raise FlexoError(f"runtime opt-out: {len(kept_weights)} refitted router weights for {len(layer_routers)} layers")
+    kept = (~mask).nonzero().flatten()
     saved = []
     try:
-        for r in layer_routers:
-            saved.append((r, "forward" in r.__dict__, r.__dict__.get("forward")))
+        for i, r in enumerate(layer_routers):
+            saved.append((r, "forward" in r.__dict__, r.__dict__.get("forward"), r.weight.detach().clone()))
+            if kept_weights is not None:
+                with torch.no_grad():
+                    r.weight[kept] = kept_weights[i].to(r.weight.dtype).to(r.weight.device)
             r.forward = _masked_forward(r, mask, min(r.top_k, left))
             setattr(r, _ACTIVE, True)
         yield model
     finally:
-        for r, had, fwd in saved:
+        for r, had, fwd, weight in saved:
+            with torch.no_grad():
+                r.weight.copy_(weight)
             if had:
                 r.forward = fwd
             else:

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from flexo.errors import FlexoError
-from flexo.routers import runtime_opt_out
+from flexo.routers import routers, runtime_opt_out
 
 
 class FlexoServer:
@@ -38,6 +38,23 @@ class FlexoServer:
                              f"{self.model.config.num_experts}: rerun the stage that wrote it")
         self.tokenizer = load_tokenizer_from(self.model_dir)
         self._lock = threading.Lock()
+        self._refits: dict[frozenset, list[torch.Tensor]] = {}
+
+    def opt_out(self, exclude: Sequence[str]):
+        """The per-request opt-out honouring the model's guarantee: a mask, and for a router-tuned model
+        (federated fit) its rows refitted without the excluded owners (computed once per exclusion set)."""
+        from flexo.refit import needs_refit, refitted_weights
+        from flexo.routers import check_exclusions
+
+        names = check_exclusions(self.experts, exclude, str(self.model_dir))
+        weights = None
+        if names and needs_refit(self.meta):
+            key = frozenset(names)
+            if key not in self._refits:
+                r_pub = [g.weight[0].detach().clone() for g in routers(self.model)]
+                self._refits[key] = refitted_weights(self.model_dir, self.meta, names, r_pub)
+            weights = self._refits[key]
+        return runtime_opt_out(self.model, self.experts, names, kept_weights=weights)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -57,7 +74,7 @@ class FlexoServer:
         if ids.shape[1] + max_new_tokens > max_len:
             raise FlexoError(f"a prompt of {ids.shape[1]} tokens plus {max_new_tokens} new ones exceeds the model's "
                              f"{max_len} positions: shorten the prompt")
-        with self._lock, runtime_opt_out(self.model, self.experts, exclude):
+        with self._lock, self.opt_out(exclude):
             with recording(self.model, self.experts, excluded=list(exclude)) as rec:
                 out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                           max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
@@ -81,7 +98,7 @@ class FlexoServer:
         if len(ids) + 1 > max_len:
             raise FlexoError(f"text of {len(ids)} tokens is longer than the model's {max_len} positions: split it")
         x = torch.tensor([[self.tokenizer.eos_token_id, *ids]], device=self._device())
-        with self._lock, runtime_opt_out(self.model, self.experts, exclude):
+        with self._lock, self.opt_out(exclude):
             with recording(self.model, self.experts, skip_first=1, excluded=list(exclude)) as rec:
                 logits = self.model(input_ids=x).logits.float()
         logp = torch.log_softmax(logits[0, :-1], dim=-1)

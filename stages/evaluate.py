@@ -139,28 +139,38 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
             yield lm
             btm_members.update(lm.member_rolling)
 
-    def optout(owner: str):
+    def optout(owner: str, folder: Path):
+        """The model in `folder` with `owner` opted out as its guarantee says: masked (the plain merge), or
+        masked with the router rows refitted without the owner (the federated-tuned default model)."""
         @contextlib.contextmanager
         def make():
-            from flexo.routers import runtime_opt_out
+            from flexo.refit import needs_refit, refitted_weights
+            from flexo.routers import routers, runtime_opt_out
 
-            experts = list(read_meta(merged).get("experts") or [])
+            meta = read_meta(folder)
+            experts = list(meta.get("experts") or [])
             if owner not in experts:
-                raise FlexoError(f"owner {owner!r} is not an expert of {merged} ({experts}): rerun `flexo merge`")
-            with cache.use(merged) as model, runtime_opt_out(model, experts, [owner]):
-                yield model
+                raise FlexoError(f"owner {owner!r} is not an expert of {folder} ({experts}): rerun `flexo merge`")
+            with cache.use(folder) as model:
+                weights = None
+                if needs_refit(meta):
+                    weights = refitted_weights(folder, meta, [owner], [g.weight[0].detach().clone() for g in routers(model)])
+                with runtime_opt_out(model, experts, [owner], kept_weights=weights):
+                    yield model
         return make
 
     jobs += [_Job("soup", soup), _Job("btm", btm)]
     jobs += [_Job(f"expert:{o}", member(o, p)) for o, p in expert_models.items()]
-    jobs += [_Job(f"optout:{o}", optout(o)) for o in params.owners]
+    jobs += [_Job(f"optout:{o}", optout(o, merged)) for o in params.owners]
+    if any(j.name == "flexolmo-rt" for j in jobs):  # the default model's opt-outs, exact
+        jobs += [_Job(f"optout-rt:{o}", optout(o, rt)) for o in params.owners]
     return jobs
 
 
 # Run order (not table order): each model folder is loaded once and dropped after its last use. BTM
 # goes first: the public and owners' models live only while it runs, and their own rows (`public`,
 # `expert:*`) replay its passes; the merged model lives from `flexolmo` through the opt-outs.
-_RUN_ORDER = ("btm", "public", "expert:", "soup", "flexolmo", "optout:", "flexolmo-rt")
+_RUN_ORDER = ("btm", "public", "expert:", "soup", "flexolmo", "optout:", "flexolmo-rt", "optout-rt:")
 
 
 def _run_order(job: _Job) -> int:
@@ -206,7 +216,7 @@ def _count_uses(params: Params, layout: Layout, cache: _ModelCache, jobs: list[_
     cache.expect(layout.public_model, 1)
     cache.expect(layout.merged, 1 + sum(n.startswith("optout:") for n in names))
     if "flexolmo-rt" in names:
-        cache.expect(layout.merged_rt)
+        cache.expect(layout.merged_rt, 1 + sum(n.startswith("optout-rt:") for n in names))
     for o in params.owners:
         cache.expect(owner_model_path(layout, o), int("btm" in names or f"expert:{o}" in names))
 
@@ -297,8 +307,13 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
     with atomic_file(out / "table.md") as f:
         f.write(render_table(bpb, domains, owners, limit=limit, max_length=ev.max_length))
     optout = {m: s for m, s in bpb.items() if m.startswith("optout:")}
+    optout_rt = {m: s for m, s in bpb.items() if m.startswith("optout-rt:")}
     with atomic_file(out / "optout.md") as f:
         f.write(render_optout(optout, bpb["flexolmo"], domains, owners))
+        if optout_rt:  # the default model: each opt-out refits the router rows without that owner (exact)
+            f.write("\n### The default model (flexolmo-rt), router rows refitted without the owner\n\n"
+                    + render_optout(optout_rt, bpb["flexolmo-rt"], domains, owners).split("\n\n", 1)[1]
+                    .replace("| flexolmo |", "| flexolmo-rt |"))
     plot_bpb(out / "bpb.png", bpb, domains, owners)
     plot_optout(out / "optout.png", optout, bpb["flexolmo"], domains)
     # Which expert each domain's tokens go to, layer by layer, for every model with more than one expert.

@@ -39,7 +39,9 @@ from flexo.errors import FlexoError, first_line
 from flexo.fsutil import OutputGuard, atomic_dir
 from flexo.layout import Layout
 from flexo.model_card import GUARANTEE_NOTE, write_model_card
-from flexo.modeling import MODEL_FILES, fingerprint, load_config, read_meta, with_experts, write_meta
+from flexo.modeling import (
+    MODEL_FILES, effective_top_k, fingerprint, load_config, read_meta, with_experts, write_meta,
+)
 from flexo.owners import prune_withdrawn, withdrawal_plan
 from flexo.package import ExpertPackage, package_shapes
 from flexo.params import PUBLIC, Params
@@ -211,9 +213,7 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
                              "fix --exclude")
     kept = [p for p in packages if p.owner not in set(exclude)]
     n_experts = 1 + len(kept)
-    if not 1 <= top_k <= n_experts:
-        raise FlexoError(f"top-k {top_k} is out of range: the merged model has {n_experts} experts "
-                         f"(public + {len(kept)} owners); pass --top-k (or set merge.top_k) between 1 and {n_experts}")
+    requested_top_k, top_k = top_k, effective_top_k(top_k, n_experts, "merge")
 
     # 2. The public model: config, manifest, dtype (its fingerprint is recomputed in step 4).
     config, public_meta = _check_public(public, verify=False)
@@ -249,6 +249,7 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
             "experts": [PUBLIC, *owners],
             "fingerprint": public_fp,
             "top_k": top_k,
+            **({"top_k_requested": requested_top_k} if requested_top_k != top_k else {}),
             "num_experts": n_experts,
             "packages": {p.owner: p.tensors_sha256 for p in kept},
             "opt_out_guarantee": "instant",

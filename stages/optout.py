@@ -30,8 +30,9 @@ from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir
 from flexo.layout import Layout
 from flexo.model_card import write_model_card
-from flexo.modeling import MODEL_FILES, load_config, read_meta, with_experts, write_meta
+from flexo.modeling import MODEL_FILES, effective_top_k, load_config, read_meta, with_experts, write_meta
 from flexo.params import PUBLIC
+from flexo.refit import keep_embedded, needs_refit, refitted_weights
 from flexo.project import Project
 from flexo.weights import ShardWriter, TensorSpec, WeightReader, copy_support_files, shared_keys, write_config
 
@@ -39,8 +40,10 @@ log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 2_000_000_000
 
 
-def _opted_tensors(src: WeightReader, keep: list[int], config: FlexOlmoConfig) -> Iterator[TensorSpec]:
-    """The opted-out model's tensors in write order: kept experts renumbered 0..n-1."""
+def _opted_tensors(src: WeightReader, keep: list[int], config: FlexOlmoConfig,
+                   gates: list[torch.Tensor] | None = None) -> Iterator[TensorSpec]:
+    """The opted-out model's tensors in write order: kept experts renumbered 0..n-1; `gates` (per layer)
+    replaces the kept router rows (a refit)."""
     head, per_layer, tail = shared_keys(src)
     for key in head:
         yield src.spec(key)
@@ -51,8 +54,12 @@ def _opted_tensors(src: WeightReader, keep: list[int], config: FlexOlmoConfig) -
         for new, old in enumerate(keep):
             yield from src.expert_ffn(i, old, config.intermediate_size, f"{p}experts.{new}.")
         gate = f"{p}gate.weight"
-        yield TensorSpec(gate, (len(keep), config.hidden_size), src.dtype(gate),
-                         lambda gate=gate: torch.stack([src.get_row(gate, old) for old in keep]))
+        if gates is not None:
+            yield TensorSpec(gate, (len(keep), config.hidden_size), src.dtype(gate),
+                             lambda w=gates[i], dtype=src.get_row(gate, 0).dtype: w.to(dtype).contiguous())
+        else:
+            yield TensorSpec(gate, (len(keep), config.hidden_size), src.dtype(gate),
+                             lambda gate=gate: torch.stack([src.get_row(gate, old) for old in keep]))
     for key in tail:
         yield src.spec(key)
 
@@ -99,12 +106,20 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
     if len(keep) == 1:
         raise FlexoError(f"opting out every owner ({', '.join(names)}) would leave only the public expert: "
                          "use the public model (models/public) instead")
-    top_k = min(config.num_experts_per_tok, len(keep))
+    requested_top_k = src_meta.get("top_k_requested", config.num_experts_per_tok)
+    top_k = effective_top_k(requested_top_k, len(keep), "opt-out")
     new_config = with_experts(config, len(keep), top_k)
 
     guarantee = src_meta.get("opt_out_guarantee")
-    warning = None
-    if guarantee != "instant":
+    warning, gates = None, None
+    if needs_refit(src_meta):
+        # The router rows were fitted from every owner's statistics: refit them without the excluded ones.
+        with WeightReader(model_dir, "model") as src:
+            r_pub = [src.get_row(f"model.layers.{i}.mlp.gate.weight", 0) for i in range(config.num_hidden_layers)]
+        gates = refitted_weights(model_dir, src_meta, names, r_pub)
+        log.info("opt-out of %s refits its router rows without %s (as merge + router-tune without them)",
+                 model_dir, names)
+    elif guarantee != "instant":
         warning = (f"{model_dir} has opt_out_guarantee {guarantee!r}, not 'instant': removing {names} deletes their "
                    "experts, but other weights may still carry what their data taught; rerun the affected stages "
                    "(e.g. router tuning) without them for a model that never saw their data")
@@ -114,14 +129,17 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
     with atomic_dir(out, guard) as tmp:
         writer = ShardWriter(tmp, shard_bytes, what="opt-out")
         with WeightReader(model_dir, "model") as src:
-            writer.add_all(_opted_tensors(src, keep, config))
+            writer.add_all(_opted_tensors(src, keep, config, gates))
         written = writer.close()
         write_config(new_config, tmp)
         copy_support_files(model_dir, tmp)
+        if gates is not None:
+            keep_embedded(model_dir, tmp, names)
         meta = dict(src_meta)
         meta.update({
             "experts": kept_names,
             "top_k": top_k,
+            **({"top_k_requested": requested_top_k} if requested_top_k != top_k else {}),
             "num_experts": len(keep),
             "packages": {k: v for k, v in (src_meta.get("packages") or {}).items() if k in kept_names},
             "training": {k: v for k, v in (src_meta.get("training") or {}).items() if k in kept_names},
@@ -129,6 +147,7 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
             "opted_out_from": str(model_dir),
             "shards": len(written["files"]),
             "bytes": written["total_size"],
+            **({"refitted_without": [*src_meta.get("refitted_without", []), *names]} if gates is not None else {}),
         })
         if warning:
             meta["rerun_needed"] = True

@@ -43,6 +43,7 @@ from flexo.params import PUBLIC, Params, TrainParams
 from flexo.project import stage_command
 from flexo.router_fit import ROUTER_SUFFIX, check_stats_scale, fit_router, gates
 from flexo.router_stats import public_stats, read_update, update_name
+from flexo.refit import embed_stats
 from flexo.training import Batches, drop_checkpoint, pack, set_threads, train, write_loss_log
 from flexo.weights import copy_support_files
 
@@ -216,9 +217,10 @@ def router_tune(params: Params, layout: Layout) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- federated
-FEDERATED_NOTE = ("every owner's router-input statistics shaped all router rows (federated router fit): "
-                  "withdrawing an owner reruns merge and router_tune (the other owners' stages stay); "
-                  "`dvc repro` does this when the owner is removed from params.yaml")
+FEDERATED_NOTE = ("every owner's router-input statistics shaped all router rows (federated router fit), so opting an "
+                  "owner out refits the rows from the other classes' statistics, kept in router_stats.safetensors: "
+                  "`flexo opt-out` and the server's per-request exclusion give exactly the model that merging "
+                  "without the owner and rerunning router_tune gives")
 
 
 def fit_federated(params: Params, layout: Layout) -> dict:
@@ -230,7 +232,8 @@ def fit_federated(params: Params, layout: Layout) -> dict:
     cfg = load_config(layout.merged)
     # Every owner's statistics are read and checked before any model is loaded; their scale is checked
     # against the public model's own statistics, computed next.
-    updates = [read_update(layout, o, meta.get("fingerprint"), cfg.num_hidden_layers, cfg.hidden_size) for o in owners]
+    read = [read_update(layout, o, meta.get("fingerprint"), cfg.num_hidden_layers, cfg.hidden_size) for o in owners]
+    updates = [stats for stats, _ in read]
     public = public_stats(params, layout)
     for owner, update in zip(owners, updates):
         check_stats_scale(update, public, cfg.num_hidden_layers, update_name(layout, owner))
@@ -246,11 +249,14 @@ def fit_federated(params: Params, layout: Layout) -> dict:
     with atomic_dir(layout.merged_rt, tuned_model_guard()) as tmp:
         model.save_pretrained(tmp, max_shard_size=params.merge.shard_bytes)
         copy_support_files(layout.merged, tmp)
-        out = dict(base, kind="merged-rt", tuned=True, opt_out_guarantee="rerun", opt_out_note=FEDERATED_NOTE,
+        embed_stats(tmp, dict(zip([PUBLIC, *owners], stats)))  # what an exact opt-out refits from
+        out = dict(base, kind="merged-rt", tuned=True, opt_out_guarantee="refit", opt_out_note=FEDERATED_NOTE,
                    router_tune={"method": "federated", "fit": "multinomial logistic regression on Gaussian samples",
                                 "tokens": {name: int(s["tokens"]) for name, s in zip([PUBLIC, *owners], stats)},
                                 "samples_per_class": rt.fit_samples, "steps": rt.fit_steps, "lr": rt.fit_lr,
-                                "l2": rt.fit_l2, "layers": figures})
+                                "l2": rt.fit_l2, "seed": rt.seed, "layers": figures,
+                                "statistics": {o: {"rank": info.get("rank") or "full", "dp": info.get("dp")}
+                                               for o, (_, info) in zip(owners, read)}})
         write_meta(tmp, out)
         write_model_card(tmp, out)
     return out

@@ -231,8 +231,6 @@ CASES = [
     Case("flexo-json-not-json-train", "the public model's `flexo.json` is not JSON (train-expert)",
          _flexo_json_not_json_train, EXPERT_ALPHA, "flexo.json"),
     Case("merge-top-k-0", "`--top-k 0`", lambda L, t: ["merge", "--top-k", "0"], MERGED, "top-k 0"),
-    Case("merge-top-k-too-large", "`--top-k 4` with 3 experts", lambda L, t: ["merge", "--top-k", "4"], MERGED,
-         "top-k 4"),
     Case("merge-exclude-unknown", "merge excluding an unknown owner", lambda L, t: ["merge", "--exclude", "gamma"],
          MERGED, "'gamma'"),
     Case("opt-out-exclude-unknown", "opt-out excluding an unknown owner", _opt_out_unknown,
@@ -277,11 +275,11 @@ def _opt_out_onto_input(layout, tmp):
 
 def _refused_merge_with_withdrawn_owner(layout, tmp):
     # dvc.lock says the last merge had alpha and beta; params.yaml now lists alpha only, and the merge is
-    # refused (top-k): nothing of beta's may be gone afterwards.
+    # refused (top-k 0): nothing of beta's may be gone afterwards.
     write_params(layout, _owners("alpha"))
     (layout.root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"merge": {
         "cmd": "flexo merge", "params": {"params.yaml": {"owners": ["alpha", "beta"]}}}}}))
-    return ["merge", "--top-k", "5"]
+    return ["merge", "--top-k", "0"]
 
 
 # --------------------------------------------------------------------- never leak: bound identities
@@ -381,9 +379,9 @@ CASES += [
          _opt_out_onto_package, lambda L, t: [L.expert("alpha")], PROTECTED),
     Case("opt-out-out-input", "`flexo opt-out --model models/merged … --out models/merged` (its own input)",
          _opt_out_onto_input, MERGED, "input"),
-    Case("merge-refused-deletes-nothing", "a merge refused (top-k) after an owner was withdrawn from params.yaml",
+    Case("merge-refused-deletes-nothing", "a merge refused (top-k 0) after an owner was withdrawn from params.yaml",
          _refused_merge_with_withdrawn_owner, lambda L, t: [L.expert("beta"), L.curated("beta"), L.heldout("beta")],
-         "top-k 5"),
+         "top-k 0"),
     Case("package-owners-swapped", "two packages' `owner` fields swapped", _swap_owners, MERGED,
          "lies in a folder named 'alpha'"),
     Case("package-owner-newline", "a package whose owner is `\"alpha\\n\"`",

@@ -36,7 +36,6 @@ def test_project_params_load_and_match_defaults():
         ({"owners": ["code", "code"]}, "listed twice"),
         ({"owners": ["public"]}, "must not contain 'public'"),
         ({"owners": []}, "owners is empty"),
-        ({"merge": {"top_k": 9}}, "merge.top_k=9 exceeds the 5 experts"),
         ({"model": {"hidden_size": 100, "num_heads": 3}}, "divisible"),
     ],
 )

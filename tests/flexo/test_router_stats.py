@@ -31,7 +31,7 @@ def write_update(layout: Layout, name: str, tokens: int = MIN_TOKENS, **info) ->
 
 
 def read(layout: Layout, owner: str = "alpha"):
-    return read_update(layout, owner, FP, LAYERS, HIDDEN)
+    return read_update(layout, owner, FP, LAYERS, HIDDEN)[0]
 
 
 def test_an_owners_statistics_are_read_back(tmp_path):
@@ -40,7 +40,7 @@ def test_an_owners_statistics_are_read_back(tmp_path):
     got = read(layout)
     assert got.keys() == written.keys() and all(torch.equal(got[k], written[k]) for k in got)
     assert int(got["tokens"]) == MIN_TOKENS
-    assert read_update(layout, "alpha", None, LAYERS, HIDDEN).keys() == got.keys()  # no fingerprint to compare
+    assert read_update(layout, "alpha", None, LAYERS, HIDDEN)[0].keys() == got.keys()  # no fingerprint to compare
 
 
 @pytest.mark.parametrize("setup, words", [
@@ -71,3 +71,37 @@ def test_another_owners_file_under_this_owners_name_is_refused(tmp_path):
             layout.router_update("beta").with_suffix(suffix).read_bytes())
     with pytest.raises(FlexoError, match="say owner 'beta', not 'alpha'"):
         read(layout)
+
+
+def test_a_low_rank_form_is_expanded_to_its_covariance(tmp_path):
+    """Top-r eigenpairs plus an isotropic rest, as `router_tune.stats_rank` ships them, read back dense."""
+    from flexo.router_stats import dense, summarize
+
+    g = torch.Generator().manual_seed(1)
+    features = [torch.randn(4000, HIDDEN, generator=g) * torch.arange(1, HIDDEN + 1) for _ in range(LAYERS)]
+    full = summarize(features, torch.zeros(4000, dtype=torch.long))
+    low = summarize(features, torch.zeros(4000, dtype=torch.long), rank=3)
+    assert low["layers.0.eigvecs"].shape == (3, HIDDEN) and low["layers.0.rest"].shape == (1,)
+    cov, approx = full["layers.0.cov"].double(), dense(low, LAYERS)["layers.0.cov"].double()
+    top = torch.linalg.eigvalsh(cov)[-3:]
+    assert torch.allclose(torch.linalg.eigvalsh(approx)[-3:], top, rtol=1e-4)  # the top of the spectrum kept
+    assert float(torch.trace(approx)) == pytest.approx(float(torch.trace(cov)), rel=1e-4)  # the rest's mass too
+
+
+def test_dp_noise_shrinks_with_the_budget_and_comes_from_the_secret():
+    from flexo.router_stats import Privacy, calibrate, summarize
+
+    g = torch.Generator().manual_seed(2)
+    features = [torch.randn(6000, HIDDEN, generator=g) + 3 for _ in range(LAYERS)]
+    docs = torch.arange(6000) // 60  # 100 documents of 60 tokens
+    exact = summarize(features, docs)
+    errors = {}
+    for eps in (0.5, 8.0):
+        privacy = Privacy(eps, 1e-5, [4.0] * LAYERS, 60, calibrate(eps, 1e-5, 100))
+        noisy = summarize(features, docs, privacy=privacy, secret=b"s", what="alpha")
+        again = summarize(features, docs, privacy=privacy, secret=b"s", what="alpha")
+        other = summarize(features, docs, privacy=privacy, secret=b"t", what="alpha")
+        assert torch.equal(noisy["layers.0.mean"], again["layers.0.mean"])  # deterministic given the secret
+        assert not torch.equal(noisy["layers.0.mean"], other["layers.0.mean"])  # unpredictable without it
+        errors[eps] = float((noisy["layers.0.mean"] - exact["layers.0.mean"]).norm())
+    assert errors[8.0] < errors[0.5]

@@ -102,8 +102,11 @@ def test_withdrawing_an_owner_leaves_no_trace(repro_project):
     root = repro_project
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["owners"] = ["alpha"]
+    params["merge"]["top_k"] = 3  # = every expert before the withdrawal (as the released RT model runs 7 of 7)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     sh(root, "dvc", "repro")
+    merged = json.loads((root / "models" / "merged" / "flexo.json").read_text())
+    assert merged["top_k"] == 2 and merged["top_k_requested"] == 3  # clamped to the experts left, and recorded
     assert not [s for s in lock_stages(root) if s.endswith("@beta")]
     assert not (root / "models" / "experts" / "beta").exists()
     assert not list((root / "models" / "router").glob("beta.*"))

@@ -177,8 +177,8 @@ def _not_a_package(layout, tmp):
     return *_experts(tmp / "alpha"), "not an expert package"
 
 
-def _top_k_too_large(layout, tmp):
-    return ["--top-k", "4"], {"top_k": 4}, "top-k 4"
+def _top_k_zero(layout, tmp):
+    return ["--top-k", "0"], {"top_k": 0}, "top-k 0"
 
 
 def _exclude_unknown(layout, tmp):
@@ -189,7 +189,7 @@ def _exclude_public(layout, tmp):
     return ["--exclude", "public"], {"exclude": ["public"]}, "public expert cannot be excluded"
 
 
-BAD = [_truncated, _unreadable, _nan, _wrong_fingerprint, _wrong_shape, _twice, _not_a_package, _top_k_too_large,
+BAD = [_truncated, _unreadable, _nan, _wrong_fingerprint, _wrong_shape, _twice, _not_a_package, _top_k_zero,
        _exclude_unknown, _exclude_public]
 
 
@@ -234,3 +234,18 @@ def test_trained_packages_stay_far_inside_the_scale_bound(ctx, merged):
             r_pub = public[f"model.layers.{i}.mlp.gate.weight"][0]
             worst = max(worst, float(pkg[f"layers.{i}.router"].norm() / r_pub.norm()))
     assert 0.1 < worst < merge_mod.SCALE_BOUND / 20, worst
+
+
+def test_top_k_above_the_experts_is_clamped_and_recorded(ctx, tmp_path):
+    """One rule for merge and opt-out: top-k above the experts left is clamped, recorded, and said."""
+    from stages.optout import opt_out
+
+    params, layout = ctx
+    meta = merge(params, layout, top_k=3, out=tmp_path / "m3")  # 3 experts: top-3 of 3, as the RT model runs 7 of 7
+    assert meta["top_k"] == 3 and "top_k_requested" not in meta
+    meta = merge(params, layout, exclude=["beta"], top_k=3, out=tmp_path / "m2")
+    assert meta["top_k"] == 2 and meta["top_k_requested"] == 3
+    assert json.loads((tmp_path / "m2" / "config.json").read_text())["num_experts_per_tok"] == 2
+    opted = opt_out(tmp_path / "m3", ["beta"], tmp_path / "o2")
+    assert opted["top_k"] == 2 and opted["top_k_requested"] == 3
+    assert torch.equal(logits(tmp_path / "o2", torch.tensor([[5, 6, 7, 8]])), logits(tmp_path / "m2", torch.tensor([[5, 6, 7, 8]])))
