@@ -4,7 +4,8 @@ calls its one stage function; dvc.yaml and the Prefect flows run the same subcom
     flexo curate --owner public      flexo tokenizer          flexo train-public
     flexo embed --owner code         flexo train-expert --owner code
     flexo router-update --owner code flexo merge              flexo router-tune
-    flexo audit-extraction --owner code                       flexo evaluate
+    flexo audit-extraction --owner code                       flexo score --owner code
+    flexo evaluate
     flexo opt-out --model models/merged --exclude news --out DIR
     flexo attribute --model models/merged --text "…"          flexo status
 """
@@ -33,7 +34,7 @@ from flexo.fsutil import NO_SPACE  # noqa: E402
 
 # Every stage module, in pipeline order: each adds its own subcommand (arguments next to its function).
 STAGES = ("curate", "tokenizer", "embed", "train_public", "train_expert", "router_update", "merge",
-          "router_tune", "audit", "evaluate", "optout", "attribute", "status")
+          "router_tune", "audit", "score", "evaluate", "optout", "attribute", "status")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,20 +1,25 @@
 """The hand-off between machines: what a publisher ships, where it lands, and whether it is current.
 
 FlexOlmo's setting is owners on their own machines and a central merge. Each party publishes its
-hand-off as its own files, so that no two machines ever edit the same file:
+hand-offs as its own files, so that no two machines ever edit the same file. In order:
 
-- `published/public/artifacts/` — the public artifacts every owner needs (tokenizer, public model,
-  public router row, public text), published once by whoever builds them (`flows.public_artifacts`);
-- `published/<owner>/package/` — what one owner ships: its expert package (`expert.safetensors` +
-  `expert.json`), its router row and its router statistics. Never text, never its full model, loss log
-  or checkpoints.
+1. `published/public/artifacts/` — the public artifacts every owner needs (tokenizer, public model,
+   public router row, public text), published once by whoever builds them (`flows.public_artifacts`);
+2. `published/<owner>/package/` — what one owner ships before the merge: its expert package
+   (`expert.safetensors` + `expert.json`), its router row and its router statistics. Never text, never
+   its full model, loss log or checkpoints;
+3. `published/central/models/` — the merged and the router-tuned model, published by the centre after
+   `merge` and `router_tune`, so that each owner can score them where its held-out text is;
+4. `published/<owner>/scores/` — the owner's `results/scores/<owner>.json`: every model's bits per byte
+   and routing shares on its own held-out split (numbers only), from which the centre's `evaluate`
+   builds the table.
 
 A publisher copies its files into that folder and `dvc add`s it: git then holds one small pointer per
-publisher (`published/<name>/<folder>.dvc`, with a `.gitignore` beside it in the same folder) and the DVC
-remote holds the bytes (flows/handoff.py does the git and DVC part). A receiver pulls the pointer's
-bytes and installs them where the pipeline's stages expect them (:func:`install`), after checking them
-(:func:`check_package`): the order public → owners → central is enforced here, with errors that name
-who has to run what.
+publisher and kind (`published/<name>/<kind>.dvc`, with a `.gitignore` beside it in the same folder) and
+the DVC remote holds the bytes (flows/handoff.py does the git and DVC part). A receiver pulls the
+pointer's bytes and installs them where the pipeline's stages expect them (:func:`install`), after
+checking them (:func:`check_package`, :func:`scores_state`): the order public → owners → central →
+owners → central is enforced here, with errors that name who has to run what.
 """
 
 from __future__ import annotations
@@ -27,32 +32,49 @@ from flexo.fsutil import OutputGuard, atomic_dir, atomic_path
 from flexo.layout import Layout
 from flexo.modeling import read_meta
 from flexo.package import PACKAGE_META, PACKAGE_TENSORS, ExpertPackage
-from flexo.params import PUBLIC, validate_owner_name
+from flexo.params import CENTRAL, PUBLIC, validate_owner_name
 
 PUBLISHED = "published"
-PUBLIC_FOLDER = "artifacts"
-OWNER_FOLDER = "package"
+# What each kind of hand-off is, and who publishes it.
+PUBLIC_FOLDER = "artifacts"  # public: tokenizer, public model, public router row, public text
+OWNER_FOLDER = "package"     # an owner, before the merge: expert package, router row, router statistics
+SCORES_FOLDER = "scores"     # an owner, after the merge: its scores of every model on its own held-out split
+MODELS_FOLDER = "models"     # the centre, after the merge: the merged and router-tuned models
 
 
-def handoff_dir(layout: Layout, name: str) -> Path:
-    """`published/public/artifacts` or `published/<owner>/package`."""
-    validate_owner_name(name, "publisher")
-    return layout.root / PUBLISHED / name / (PUBLIC_FOLDER if name == PUBLIC else OWNER_FOLDER)
+def _default_kind(name: str) -> str:
+    return {PUBLIC: PUBLIC_FOLDER, CENTRAL: MODELS_FOLDER}.get(name, OWNER_FOLDER)
 
 
-def pointer(layout: Layout, name: str) -> Path:
+def handoff_dir(layout: Layout, name: str, kind: str | None = None) -> Path:
+    """`published/public/artifacts`, `published/<owner>/package|scores` or `published/central/models`."""
+    if name != CENTRAL:
+        validate_owner_name(name, "publisher")
+    kind = kind or _default_kind(name)
+    allowed = {PUBLIC: (PUBLIC_FOLDER,), CENTRAL: (MODELS_FOLDER,)}.get(name, (OWNER_FOLDER, SCORES_FOLDER))
+    if kind not in allowed:
+        raise FlexoError(f"{name!r} publishes no {kind!r} hand-off (only {', '.join(allowed)})")
+    return layout.root / PUBLISHED / name / kind
+
+
+def pointer(layout: Layout, name: str, kind: str | None = None) -> Path:
     """The git-tracked DVC pointer of a hand-off (`….dvc` beside its folder)."""
-    folder = handoff_dir(layout, name)
+    folder = handoff_dir(layout, name, kind)
     return folder.with_name(folder.name + ".dvc")
 
 
-def handoff_files(layout: Layout, name: str) -> dict[str, Path]:
-    """{name inside the hand-off: where the pipeline keeps it} for the public side or one owner."""
-    if name == PUBLIC:
+def handoff_files(layout: Layout, name: str, kind: str | None = None) -> dict[str, Path]:
+    """{name inside the hand-off: where the pipeline keeps it} for one kind of hand-off."""
+    kind = handoff_dir(layout, name, kind).name
+    if kind == PUBLIC_FOLDER:
         return {"tokenizer": layout.tokenizer, "public_model": layout.public_model,
                 "router.safetensors": layout.router_embedding(PUBLIC),
                 "router.json": layout.router_embedding(PUBLIC).with_suffix(".json"),
                 "curated": layout.curated(PUBLIC), "heldout": layout.heldout(PUBLIC)}
+    if kind == MODELS_FOLDER:
+        return {"merged": layout.merged, "merged-rt": layout.merged_rt}
+    if kind == SCORES_FOLDER:
+        return {"scores.json": layout.scores(name)}
     return {PACKAGE_TENSORS: layout.expert(name) / PACKAGE_TENSORS, PACKAGE_META: layout.expert(name) / PACKAGE_META,
             "router.safetensors": layout.router_embedding(name),
             "router.json": layout.router_embedding(name).with_suffix(".json"),
@@ -60,38 +82,39 @@ def handoff_files(layout: Layout, name: str) -> dict[str, Path]:
             "router_stats.json": layout.router_update(name).with_suffix(".json")}
 
 
-def _handoff_guard(layout: Layout, name: str) -> OutputGuard:
-    """A hand-off folder may replace only an earlier hand-off of the same publisher."""
-    names = tuple(handoff_files(layout, name))
+def _handoff_guard(layout: Layout, name: str, kind: str) -> OutputGuard:
+    """A hand-off folder may replace only an earlier hand-off of the same publisher and kind."""
+    names = tuple(handoff_files(layout, name, kind))
     return OutputGuard(f"hand-off of {name!r}", lambda p: all((p / n).exists() for n in names),
                        files=names + tuple(f"{n}/*" for n in names), command="the publish step")
 
 
-def stage_handoff(layout: Layout, name: str) -> Path:
+def stage_handoff(layout: Layout, name: str, kind: str | None = None) -> Path:
     """Copy what `name` publishes into its hand-off folder (replacing an earlier one); returns the folder.
     Refuses with one line when something is missing, naming the stage that writes it."""
-    sources = handoff_files(layout, name)
+    folder = handoff_dir(layout, name, kind)
+    sources = handoff_files(layout, name, folder.name)
     missing = [str(p.relative_to(layout.root)) for p in sources.values() if not p.exists()]
     if missing:
-        what = "the public stages" if name == PUBLIC else f"the owner stages of {name!r}"
+        what = {PUBLIC_FOLDER: "the public stages", MODELS_FOLDER: "the central merge stages (merge, router_tune)",
+                SCORES_FOLDER: f"`flexo score --owner {name}`"}.get(folder.name, f"the owner stages of {name!r}")
         raise FlexoError(f"cannot publish {name!r}: {', '.join(missing)} missing; run {what} first")
-    folder = handoff_dir(layout, name)
-    with atomic_dir(folder, _handoff_guard(layout, name)) as tmp:
+    with atomic_dir(folder, _handoff_guard(layout, name, folder.name)) as tmp:
         for target, src in sources.items():
             _copy(src, tmp / target)
     return folder
 
 
-def install(layout: Layout, name: str) -> list[str]:
+def install(layout: Layout, name: str, kind: str | None = None) -> list[str]:
     """Copy a received hand-off from its folder to where the pipeline's stages read it; returns what was
     installed (relative paths). An owner's package is checked first (:func:`check_package`)."""
-    folder = handoff_dir(layout, name)
+    folder = handoff_dir(layout, name, kind)
     if not folder.is_dir():
         raise FlexoError(f"the hand-off of {name!r} is not here ({folder.relative_to(layout.root)}): pull it first")
-    if name != PUBLIC:
+    if folder.name == OWNER_FOLDER:
         check_package(layout, name, folder)
     installed = []
-    for source, target in handoff_files(layout, name).items():
+    for source, target in handoff_files(layout, name, folder.name).items():
         src = folder / source
         if not src.exists():
             raise FlexoError(f"the hand-off of {name!r} lacks {source}: ask {name!r} to publish again")
@@ -165,3 +188,18 @@ def holds_owner_data(layout: Layout, owners: list[str]) -> list[str]:
         if has_inbox or layout.curated(owner).exists() or layout.heldout(owner).exists():
             here.append(owner)
     return here
+
+
+def scores_state(layout: Layout, owner: str, fingerprints: dict[str, str]) -> str:
+    """At the centre, an owner's installed scores: `missing`, `stale` (scored other models than
+    `fingerprints`, :func:`flexo.scoring.model_fingerprints`) or `current`."""
+    import json
+
+    path = layout.scores(owner)
+    if not path.is_file():
+        return "missing"
+    try:
+        shipped = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "stale"
+    return "current" if isinstance(shipped, dict) and shipped.get("fingerprints") == fingerprints else "stale"

@@ -75,6 +75,10 @@ class Layout:
     def results(self) -> Path:
         return self.root / "results"
 
+    def scores(self, owner: str) -> Path:
+        """What an owner's `score` stage ships: every model's bits per byte on its held-out split, numbers only."""
+        return self.results / "scores" / f"{owner}.json"
+
     def protected(self) -> tuple[Path, ...]:
         """Folders that a user-given `--out` may neither be nor lie inside nor contain: the owners' data,
         the public artifacts, the owners' packages and statistics, and the project's own machinery."""

@@ -34,7 +34,7 @@ SUPPORT_FILES = (
 )
 # Every file flexo writes into a model folder (globs): a folder holding anything else is not replaced.
 MODEL_FILES = ("config.json", META, "README.md", "loss.csv", "model.safetensors", "model-*-of-*.safetensors",
-               "model.safetensors.index.json", "router_stats.safetensors", *SUPPORT_FILES)
+               "model.safetensors.index.json", "router_stats.safetensors", "router_refits.safetensors", *SUPPORT_FILES)
 
 
 # --------------------------------------------------------------------------------------------- configs

@@ -25,7 +25,7 @@ from flexo.params import PUBLIC, Params, load_params, validate_owner_name
 
 log = logging.getLogger(__name__)
 # The per-owner stages of dvc.yaml (`<stage>@<owner>`), whose dvc.lock entries go with a withdrawn owner.
-OWNER_STAGES = ("curate", "embed", "train_expert", "router_update", "audit")
+OWNER_STAGES = ("curate", "embed", "train_expert", "router_update", "audit", "score")
 
 
 def read_lock(root: Path) -> dict:
@@ -120,14 +120,15 @@ def withdrawal_plan(params: Params, layout: Layout) -> Withdrawal:
 
 def prune_withdrawn(layout: Layout, plan: Withdrawal) -> dict[str, list[str]]:
     """Remove what withdrawn owners left: curated data, held-out split, router rows and statistics,
-    extraction report, checkpoints, their `dvc.lock` entries — and the expert package only if the last
+    audit report, shipped scores, checkpoints, their `dvc.lock` entries — and the expert package only if the last
     merge merged it. Called by the merge stage after it has succeeded; prints every removal."""
     removed: dict[str, list[str]] = {}
     for owner in plan.owners:
         paths = [layout.curated(owner), layout.heldout(owner),
                  layout.router_embedding(owner), layout.router_embedding(owner).with_suffix(".json"),
                  layout.router_update(owner), layout.router_update(owner).with_suffix(".json"),
-                 layout.results / "extraction" / f"{owner}.json", layout.checkpoints(f"expert-{owner}")]
+                 layout.results / "extraction" / f"{owner}.json", layout.scores(owner),
+                 layout.checkpoints(f"expert-{owner}")]
         if owner in plan.merged_before:
             paths.append(layout.expert(owner))
         elif layout.expert(owner).exists():

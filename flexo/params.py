@@ -23,6 +23,7 @@ OWNER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # matched in full (re.fullmatch
 SEED_MAX = 2**31 - 1  # seeds are combined with other numbers into 64-bit generator seeds: keep them 31-bit
 OWNER_NAME_MAX = 64  # characters: an owner's name becomes file and folder names (a file-name limit is 255 bytes)
 PUBLIC = "public"
+CENTRAL = "central"  # the merging party in the federation (flexo/federation.py): not an owner name
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
@@ -149,7 +150,8 @@ class EvaluateParams:
 
 @dataclass
 class AuditParams:
-    """The data-extraction audit (`flexo audit-extraction`, FlexOlmo §5.3); every key is also a CLI flag."""
+    """The owner's audit (`flexo audit-extraction`): data extraction (FlexOlmo §5.3) and loss-based membership
+    inference; every key is also a CLI flag."""
 
     documents: int = num(32, 1, SEED_MAX)  # train documents sampled (seeded) per model
     prefix_tokens: int = num(32, 1, SEED_MAX)  # prompt length, tokens
@@ -160,7 +162,8 @@ class AuditParams:
     top_k: int = num(50, 0, SEED_MAX)  # sample among the k likeliest tokens; 0 = off
     top_p: float = num(1.0, 0.001, 1.0)  # nucleus sampling mass; 1 = off
     seed: int = num(0, 0, SEED_MAX)  # document sample and sampling seed
-    batch_size: int = num(16, 1, SEED_MAX)  # prefixes per forward pass
+    batch_size: int = num(16, 1, SEED_MAX)  # prefixes (and membership documents) per forward pass
+    membership_documents: int = num(64, 1, SEED_MAX)  # membership test: train and as many held-out documents (seeded)
 
 
 @dataclass
@@ -286,6 +289,9 @@ def params_from_dict(raw: dict) -> Params:
         validate_owner_name(name, f"params.yaml: owners[{i}]")
         if name == PUBLIC:
             raise FlexoError("params.yaml: owners must not contain 'public': the public expert is always expert 0")
+        if name == CENTRAL:
+            raise FlexoError("params.yaml: owners must not contain 'central': it is the merging party's name "
+                             "in the federation's hand-offs; rename the owner")
         if name in seen:
             raise FlexoError(f"params.yaml: owner {name!r} is listed twice in owners: remove the duplicate")
         seen.add(name)

@@ -5,10 +5,12 @@ pipeline, an owner's flow, the central flow) all derive what to run, in which or
 machine from `StageGraph`:
 
 - `owner_stages(o)`: the `…@o` stages an owner runs before the merge (curate, embed, train_expert,
-  router_update); `owner_late_stages(o)` those that need the merged model (the extraction audit);
+  router_update); `owner_late_stages(o)` those that need the merged model (the extraction audit, the
+  owner-side scoring);
 - `public_stages`: stages with no owner that some owner stage needs (curate_public, tokenizer, …);
-- `central_stages`: the fan-in, stages with no owner that read owners' outputs (merge, router_tune,
-  evaluate);
+- `central_stages`: the fan-in, stages with no owner that read owners' outputs: `merge_stages` (merge,
+  router_tune) need only the owners' packages, `final_stages` (evaluate) what owners ship after the
+  merge (their scores);
 - `pushed(stages)`: the subset whose outputs may travel through a DVC remote (no `push: false` out:
   an owner's curated text never does).
 """
@@ -65,6 +67,18 @@ class StageGraph:
         """The owner's stages that read a central output (the merged model): they run after the merge."""
         central = set(self.central_stages)
         return [s for s in self.order if self.owner_of(s) == owner and self.upstream(s) & central]
+
+    @property
+    def merge_stages(self) -> list[str]:
+        """The central stages that need only the owners' packages (merge, router_tune): the centre's first round."""
+        late = {s for s in self.order if self.owner_of(s) and s in self.owner_late_stages(self.owner_of(s))}
+        return [s for s in self.central_stages if not self.upstream(s) & late]
+
+    @property
+    def final_stages(self) -> list[str]:
+        """The central stages that need what owners ship after the merge (evaluate reads their scores)."""
+        first = set(self.merge_stages)
+        return [s for s in self.central_stages if s not in first]
 
     def pushed(self, stages: list[str]) -> list[str]:
         return [s for s in stages if s not in self.unpushed]

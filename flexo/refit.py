@@ -25,6 +25,7 @@ from flexo.router_fit import fit_router
 from flexo.router_stats import embedded_path
 
 FIT_KEYS = ("samples_per_class", "steps", "lr", "l2", "seed")
+REFITS = "router_refits.safetensors"  # each single owner's opt-out refit, precomputed by router-tune
 
 
 def embed_stats(folder: Path, stats: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -61,19 +62,58 @@ def needs_refit(meta: dict) -> bool:
 def refitted_weights(model_dir: Path, meta: dict, exclude: Sequence[str], r_pub: list[torch.Tensor]
                      ) -> list[torch.Tensor]:
     """Per layer, the router weight [1 + kept owners, h] of the tuned model refitted without `exclude`
-    (r_pub first, then r_pub + w of each kept owner, in the model's order)."""
+    (r_pub first, then r_pub + w of each kept owner, in the model's order). A single owner's refit was
+    computed by `flexo router-tune` and is read from the folder (:func:`store_refits`); any other set is
+    fitted now (seconds per layer)."""
     fit = meta.get("router_tune") or {}
     if any(k not in fit for k in FIT_KEYS):
         raise FlexoError(f"{model_dir}/flexo.json does not record the router fit's settings: rerun `flexo router-tune`")
-    stats = read_embedded(model_dir)
-    experts = list(meta.get("experts") or [])
+    names = list(dict.fromkeys(exclude))
+    if len(names) == 1:
+        stored = read_refit(model_dir, names[0], len(r_pub))
+        if stored is not None:
+            return stored
+    return refit(read_embedded(model_dir), list(meta.get("experts") or []), names, fit, r_pub,
+                 where=embedded_path(model_dir))
+
+
+def refit(stats: dict[str, dict[str, torch.Tensor]], experts: list[str], exclude: Sequence[str], fit: dict,
+          r_pub: list[torch.Tensor], where: Path | str = "the statistics") -> list[torch.Tensor]:
+    """The rows that `flexo router-tune` fits when `exclude` were never merged (see refitted_weights)."""
     kept = [e for e in experts if e not in set(exclude)]
     missing = [e for e in kept if e not in stats]
     if missing:
-        raise FlexoError(f"{embedded_path(model_dir)} lacks the statistics of {missing}: rerun `flexo router-tune`")
+        raise FlexoError(f"{where} lacks the statistics of {missing}: rerun `flexo router-tune`")
     rows, _ = fit_router([stats[e] for e in kept], len(r_pub), samples=fit["samples_per_class"], l2=fit["l2"],
                          steps=fit["steps"], lr=fit["lr"], seed=fit["seed"], names=kept)
     return [torch.cat([r[None], r[None] + w.to(r.dtype)]) for r, w in zip(r_pub, rows)]
+
+
+def store_refits(folder: Path, stats: dict[str, dict[str, torch.Tensor]], experts: list[str], fit: dict,
+                 r_pub: list[torch.Tensor]) -> None:
+    """Every single owner's opt-out refit, computed once where the model is tuned and kept beside it
+    (`router_refits.safetensors`), so that serving or evaluating an owner's opt-out costs nothing extra."""
+    from tqdm.auto import tqdm
+
+    tensors = {}
+    for owner in tqdm([e for e in experts if e != PUBLIC], desc="opt-out refits", unit="owner"):
+        for i, w in enumerate(refit(stats, experts, [owner], fit, r_pub)):
+            tensors[f"without/{owner}/layers.{i}"] = w.contiguous()
+    save_file(tensors, str(Path(folder) / REFITS), metadata={"format": "flexo-router-refits-v1"})
+
+
+def read_refit(model_dir: Path, owner: str, num_layers: int) -> list[torch.Tensor] | None:
+    path = Path(model_dir) / REFITS
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise FlexoError(f"{path} is unreadable ({e}): rerun `flexo router-tune`") from None
+    rows = [tensors.get(f"without/{owner}/layers.{i}") for i in range(num_layers)]
+    if any(r is None for r in rows):
+        return None
+    return rows
 
 
 def keep_embedded(src: Path, dst: Path, exclude: Sequence[str]) -> None:

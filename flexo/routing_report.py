@@ -87,25 +87,41 @@ def routing_analysis(params: Params, layout: Layout, models: dict[str, Path], *,
                      documents: int | None = None, max_tokens: int | None = None,
                      domains: list[str] | None = None) -> dict:
     """Route every domain's held-out documents through each model with more than one expert and write
-    `results/routing/<model>.{json,md,png}`. Returns {"models": {name: {files, experts, prob_share per
-    domain}}, "skipped": {name: why}}.
+    `results/routing/<model>.{json,md,png}` (:func:`routing_tables` then :func:`write_routing_report`)."""
+    tables, skipped = routing_tables(params, layout, models, documents=documents, max_tokens=max_tokens,
+                                     domains=domains)
+    return write_routing_report(layout, tables, skipped)
+
+
+def routing_tables(params: Params, layout: Layout, models: dict[str, Path], *,
+                   documents: int | None = None, max_tokens: int | None = None,
+                   domains: list[str] | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+    """({model: routing table over `domains`}, {model: why it was skipped}) — numbers only, so an owner can
+    ship its own domain's table (`score@<owner>`) and the centre assemble the report.
 
     Documents per domain: `documents`, else `evaluate.limit` when > 0, else 20; each truncated to
-    `max_tokens` tokens, else `model.max_seq_len` (256 by default)."""
+    `max_tokens` tokens, else `model.max_seq_len` (256 by default). A model folder may be an owner's
+    package (its model rebuilt from the public model)."""
     limit = int(documents or params.evaluate.limit or DEFAULT_DOCUMENTS)
     max_tokens = int(max_tokens or params.model.max_seq_len or DEFAULT_MAX_TOKENS)
     domains = domains or [PUBLIC, *params.owners]
     texts = {d: heldout_texts(layout, d, limit) for d in domains}
-    out_dir = layout.results / "routing"
-    done, skipped = {}, {}
+    tables, skipped = {}, {}
     for name, model_dir in models.items():
         model_dir = Path(model_dir)
-        experts = model_experts(model_dir)
+        package = not (model_dir / "config.json").is_file() and (model_dir / "expert.json").is_file()
+        experts = [PUBLIC, model_dir.name] if package else model_experts(model_dir)
         if len(experts) < 2:
             skipped[name] = f"{len(experts)} expert: nothing to route"
             continue
         started = time.time()
-        model, tokenizer, experts = load_routed_model(model_dir, layout.tokenizer)
+        if package:
+            from flexo.modeling import owner_model_from_package
+
+            model, tokenizer = owner_model_from_package(layout.public_model, model_dir), \
+                load_tokenizer_for(layout.public_model, layout.tokenizer)
+        else:
+            model, tokenizer, experts = load_routed_model(model_dir, layout.tokenizer)
         try:
             table = routing_table(model, tokenizer, texts, experts, max_tokens=max_tokens,
                                   batch_size=params.evaluate.batch_size)
@@ -113,15 +129,43 @@ def routing_analysis(params: Params, layout: Layout, models: dict[str, Path], *,
             del model
             gc.collect()
         shown = model_dir.relative_to(layout.root) if model_dir.is_relative_to(layout.root) else model_dir
-        table = {"model": name, "model_dir": str(shown), "documents_per_domain": limit, **table}
+        tables[name] = {"model": name, "model_dir": str(shown), "documents_per_domain": limit, **table}
+        log.info("routing of %s over %d domains in %.1fs", name, len(domains), time.time() - started)
+    return tables, skipped
+
+
+def merge_routing_tables(parts: list[dict[str, dict]]) -> dict[str, dict]:
+    """One table per model from tables over disjoint domains (the centre's public domain and each owner's
+    shipped table): the domains side by side, in the order given; a model missing from a part is kept
+    with the domains it has."""
+    merged: dict[str, dict] = {}
+    for part in parts:
+        for name, table in part.items():
+            if name not in merged:
+                merged[name] = {**table, "domains": dict(table["domains"])}
+                continue
+            mine = merged[name]
+            if mine["experts"] != table["experts"]:
+                raise FlexoError(f"routing tables of {name!r} name different experts ({mine['experts']} vs "
+                                 f"{table['experts']}): rescore with the same models")
+            mine["domains"].update(table["domains"])
+            mine["top_k"] = max(mine["top_k"], table["top_k"])
+    return merged
+
+
+def write_routing_report(layout: Layout, tables: dict[str, dict], skipped: dict[str, str] | None = None) -> dict:
+    """`results/routing/<model>.{json,md,png}` for each table. Returns {"models": {name: {files, experts,
+    prob_share per domain}}, "skipped": {name: why}}."""
+    out_dir = layout.results / "routing"
+    done = {}
+    for name, table in tables.items():
         stem = routing_file_name(name)
         files = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
         write_json(files["json"], table)
         with atomic_file(files["md"]) as f:
             f.write(render_routing_markdown(table, title=f"Routing of `{name}` by domain") + "\n")
         plot_routing_heatmap(table, files["png"], title=f"{name}: routing by domain "
-                                                        f"(top-{table['top_k']} of {len(experts)} experts)")
-        log.info("routing of %s over %d domains in %.1fs", name, len(domains), time.time() - started)
-        done[name] = {"experts": experts, **{k: str(v) for k, v in files.items()},
-                      "prob_share": {d: table["domains"][d]["prob_share"] for d in domains}}
-    return {"models": done, "skipped": skipped}
+                                                        f"(top-{table['top_k']} of {len(table['experts'])} experts)")
+        done[name] = {"experts": table["experts"], **{k: str(v) for k, v in files.items()},
+                      "prob_share": {d: entry["prob_share"] for d, entry in table["domains"].items()}}
+    return {"models": done, "skipped": dict(skipped or {})}

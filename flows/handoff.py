@@ -18,7 +18,7 @@ from prefect import get_run_logger, task
 from flexo import federation
 from flexo.errors import FlexoError
 from flexo.layout import Layout
-from flexo.params import PUBLIC
+from flexo.params import CENTRAL, PUBLIC
 from flows.dvc_tasks import PermanentFailure, dvc, retry_unless_permanent, run_command
 
 GIT = ["git", "-c", "user.name=flexo", "-c", "user.email=flexo@localhost"]
@@ -39,20 +39,26 @@ def sync_pointers(root: Path) -> None:
         git(["pull", "--rebase", "--autostash", "--quiet"], root)
 
 
-def _who(name: str) -> str:
-    return ("run the public flow first (python -m flows.public_artifacts)" if name == PUBLIC
-            else f"owner {name} must run its owner flow (python -m flows.owner --owner {name})")
+def _who(name: str, kind: str | None = None) -> str:
+    if name == PUBLIC:
+        return "run the public flow first (python -m flows.public_artifacts)"
+    if name == CENTRAL:
+        return "the centre must run its flow first (python -m flows.central)"
+    if kind == federation.SCORES_FOLDER:
+        return f"owner {name} must score the merged models (python -m flows.owner --owner {name} --after-merge)"
+    return f"owner {name} must run its owner flow (python -m flows.owner --owner {name})"
 
 
 @task(name="publish", task_run_name="publish-{name}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_permanent)
-def publish(name: str, root: str = ".", remote: str | None = None) -> dict:
-    """Ship `name`'s hand-off: its bytes to the DVC remote, its pointer to the git remote."""
+def publish(name: str, root: str = ".", remote: str | None = None, kind: str | None = None) -> dict:
+    """Ship `name`'s hand-off (of `kind`, flexo/federation.py): its bytes to the DVC remote, its pointer to
+    the git remote."""
     log = get_run_logger()
     root_path = Path(root).resolve()
     layout = Layout.at(root_path)
     try:
-        folder = federation.stage_handoff(layout, name)
+        folder = federation.stage_handoff(layout, name, kind)
     except FlexoError as e:
         raise PermanentFailure(str(e)) from None
     rel = folder.relative_to(root_path)
@@ -62,7 +68,7 @@ def publish(name: str, root: str = ".", remote: str | None = None) -> dict:
     shipped = {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
     git(["add", str(rel) + ".dvc", str(rel.parent / ".gitignore")], root_path)
     if git(["diff", "--cached", "--quiet"], root_path, check=False).returncode != 0:
-        git(["commit", "--quiet", "-m", f"publish {name}", "--", str(rel) + ".dvc", str(rel.parent / ".gitignore")],
+        git(["commit", "--quiet", "-m", f"publish {name} {folder.name}", "--", str(rel) + ".dvc", str(rel.parent / ".gitignore")],
             root_path)
     if _has_upstream(root_path):
         for attempt in range(1, PUSH_ATTEMPTS + 1):
@@ -78,21 +84,30 @@ def publish(name: str, root: str = ".", remote: str | None = None) -> dict:
 
 @task(name="receive", task_run_name="receive-{name}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_permanent)
-def receive(name: str, root: str = ".", remote: str | None = None) -> list[str]:
-    """Pull `name`'s published hand-off and install it; one line naming who must act when it is absent."""
+def receive(name: str, root: str = ".", remote: str | None = None, kind: str | None = None) -> list[str]:
+    """Pull `name`'s published hand-off (of `kind`) and install it; one line naming who must act when it is
+    absent."""
     log = get_run_logger()
     root_path = Path(root).resolve()
     layout = Layout.at(root_path)
     sync_pointers(root_path)
-    if not federation.pointer(layout, name).is_file():
-        what = "the public artifacts are" if name == PUBLIC else f"owner {name} has"
-        raise PermanentFailure(f"{what} not published ({federation.pointer(layout, name).relative_to(root_path)} is "
-                               f"not in the git remote): {_who(name)}")
-    rel = federation.pointer(layout, name).relative_to(root_path)
+    where = federation.pointer(layout, name, kind)
+    if not where.is_file():
+        what = {PUBLIC: "the public artifacts are", CENTRAL: "the merged models are"}.get(name, f"owner {name} has")
+        raise PermanentFailure(f"{what} not published ({where.relative_to(root_path)} is not in the git remote): "
+                               f"{_who(name, where.stem)}")
+    rel = where.relative_to(root_path)
     dvc(["pull", *(["-r", remote] if remote else []), str(rel)], root_path)
     try:
-        installed = federation.install(layout, name)
+        installed = federation.install(layout, name, kind)
     except FlexoError as e:
         raise PermanentFailure(str(e)) from None
-    log.info("received %s: %s", name, ", ".join(installed))
+    log.info("received %s %s: %s", name, where.stem, ", ".join(installed))
     return installed
+
+
+def published(name: str, root: str = ".", kind: str | None = None) -> bool:
+    """Whether `name` has published a hand-off of `kind` (after fetching the others' pointers)."""
+    root_path = Path(root).resolve()
+    sync_pointers(root_path)
+    return federation.pointer(Layout.at(root_path), name, kind).is_file()

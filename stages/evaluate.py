@@ -27,198 +27,27 @@ its raw results to `results/adhoc/` and touches none of the stage's outputs.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import math
-import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 from flexo.errors import FlexoError
-from flexo.evaluation import (
-    default_device, domains_tasks_dir, evaluate_model, load_tokenizer_for, write_domain_tasks,
-)
+from flexo.evaluation import domains_tasks_dir, evaluate_model, load_tokenizer_for, write_domain_tasks
 from flexo.fsutil import atomic_file, atomic_path, write_json
 from flexo.layout import Layout
 from flexo import timings
 from flexo.params import PUBLIC, Params
 from flexo.project import stage_command
+from flexo.routing_report import merge_routing_tables, routing_tables, write_routing_report
+from flexo.scoring import (
+    effective_limit, model_fingerprints, model_file_name, read_scores, require_model, routed_models, score_models,
+)
 
 log = logging.getLogger(__name__)
 
 SUITES = ("domains", "flexolmo31")
 AVG = "avg (owners)"
-
-
-def model_file_name(name: str) -> str:
-    """`expert:code` → `expert-code` (a file name without ':')."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
-
-
-def _effective_limit(params: Params, limit: int | None) -> int | None:
-    value = params.evaluate.limit if limit is None else int(limit)
-    if not 0 <= value <= 10**9:
-        raise FlexoError(f"--limit must be between 0 (every document) and 1000000000, got {value}")
-    return value or None
-
-
-def owner_model_path(layout: Layout, owner: str) -> Path:
-    """The owner's model folder where it exists, else its package folder (rebuilt from the public model)."""
-    model = layout.expert(owner) / "model"
-    if (model / "config.json").is_file():
-        return model
-    if not (layout.expert(owner) / "expert.json").is_file():
-        raise FlexoError(f"no model or expert package of owner {owner!r} in {layout.expert(owner)}: run "
-                         f"`flexo train-expert --owner {owner}` (or receive its published package) first")
-    return layout.expert(owner)
-
-
-def _require_model(path: Path, what: str, stage: str) -> Path:
-    if not (Path(path) / "config.json").is_file():
-        raise FlexoError(f"no {what} in {path}: run `flexo {stage}` first")
-    return Path(path)
-
-
-# ------------------------------------------------------------------------------------------- the plan
-class _Job:
-    """One row of the table: a name and how to get an evaluable object (model or lm-eval LM)."""
-
-    def __init__(self, name: str, make: Callable[[], contextlib.AbstractContextManager]):
-        self.name, self.make = name, make
-
-
-def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "_ModelCache") -> list[_Job]:
-    from flexo.modeling import read_meta
-
-    merged = _require_model(layout.merged, "merged model", "merge")
-    # BTM runs every member (public + each owner's model) over every document anyway; it records each
-    # member's own document totals, and the `public` and `expert:*` rows are served from them (lm-eval
-    # still builds the requests and computes bits-per-byte) instead of a second forward pass per model.
-    btm_members: dict[str, dict[str, float]] = {}
-
-    def member(name: str, path: Path):
-        @contextlib.contextmanager
-        def make():
-            if name in btm_members:
-                from flexo.baselines import MemberReplayLM
-
-                yield MemberReplayLM(name, btm_members[name])
-            else:
-                with cache.use(path) as model:
-                    yield model
-        return make
-
-    jobs = [_Job("public", member(PUBLIC, layout.public_model)),
-            _Job("flexolmo", lambda: cache.use(merged))]
-    rt = layout.merged_rt
-    if (rt / "config.json").is_file() and (rt / "flexo.json").is_file() and read_meta(rt).get("tuned", True) is not False:
-        jobs.append(_Job("flexolmo-rt", lambda: cache.use(rt)))
-    if not params.evaluate.baselines:
-        return jobs
-
-    # An owner's own model: its folder where the owner trained here, else rebuilt from the public model and
-    # the owner's package (the same weights: everything but the package is the public model, bit for bit).
-    expert_models = {o: owner_model_path(layout, o) for o in params.owners}
-
-    @contextlib.contextmanager
-    def soup():
-        from flexo.baselines import model_soup
-
-        yield model_soup(layout.public_model, [layout.expert(o) for o in params.owners]).to(default_device())
-
-    @contextlib.contextmanager
-    def btm():
-        from flexo.baselines import BTMLM
-
-        with contextlib.ExitStack() as stack:
-            members = [stack.enter_context(cache.use(p)) for p in [layout.public_model, *expert_models.values()]]
-            lm = BTMLM(members, tokenizer=tokenizer(), names=[PUBLIC, *params.owners],
-                       batch_size=params.evaluate.batch_size, max_length=params.evaluate.max_length)
-            yield lm
-            btm_members.update(lm.member_rolling)
-
-    def optout(owner: str, folder: Path):
-        """The model in `folder` with `owner` opted out as its guarantee says: masked (the plain merge), or
-        masked with the router rows refitted without the owner (the federated-tuned default model)."""
-        @contextlib.contextmanager
-        def make():
-            from flexo.refit import needs_refit, refitted_weights
-            from flexo.routers import routers, runtime_opt_out
-
-            meta = read_meta(folder)
-            experts = list(meta.get("experts") or [])
-            if owner not in experts:
-                raise FlexoError(f"owner {owner!r} is not an expert of {folder} ({experts}): rerun `flexo merge`")
-            with cache.use(folder) as model:
-                weights = None
-                if needs_refit(meta):
-                    weights = refitted_weights(folder, meta, [owner], [g.weight[0].detach().clone() for g in routers(model)])
-                with runtime_opt_out(model, experts, [owner], kept_weights=weights):
-                    yield model
-        return make
-
-    jobs += [_Job("soup", soup), _Job("btm", btm)]
-    jobs += [_Job(f"expert:{o}", member(o, p)) for o, p in expert_models.items()]
-    jobs += [_Job(f"optout:{o}", optout(o, merged)) for o in params.owners]
-    if any(j.name == "flexolmo-rt" for j in jobs):  # the default model's opt-outs, exact
-        jobs += [_Job(f"optout-rt:{o}", optout(o, rt)) for o in params.owners]
-    return jobs
-
-
-# Run order (not table order): each model folder is loaded once and dropped after its last use. BTM
-# goes first: the public and owners' models live only while it runs, and their own rows (`public`,
-# `expert:*`) replay its passes; the merged model lives from `flexolmo` through the opt-outs.
-_RUN_ORDER = ("btm", "public", "expert:", "soup", "flexolmo", "optout:", "flexolmo-rt", "optout-rt:")
-
-
-def _run_order(job: _Job) -> int:
-    if job.name in _RUN_ORDER:
-        return _RUN_ORDER.index(job.name)
-    return next(i for i, p in enumerate(_RUN_ORDER) if p.endswith(":") and job.name.startswith(p))
-
-
-class _ModelCache:
-    """Loads each model folder once and keeps it while a later job of the plan still needs it."""
-
-    def __init__(self, public_model: Path):
-        self.public_model = Path(public_model)  # what an owner's model is rebuilt on from its package
-        self.models: dict[Path, Any] = {}
-        self.pending: dict[Path, int] = {}
-
-    def expect(self, path: Path, times: int = 1) -> None:
-        self.pending[Path(path)] = self.pending.get(Path(path), 0) + times
-
-    @contextlib.contextmanager
-    def use(self, path: Path) -> Iterator[Any]:
-        from flexo.modeling import load_model, owner_model_from_package
-
-        path = Path(path)
-        if path not in self.models:
-            if (path / "config.json").is_file():
-                model = load_model(path)
-            else:  # an expert package without the owner's model folder (a central machine)
-                model = owner_model_from_package(self.public_model, path)
-            self.models[path] = model.to(default_device())
-        try:
-            yield self.models[path]
-        finally:
-            self.pending[path] = self.pending.get(path, 1) - 1
-            if self.pending[path] <= 0:
-                self.models.pop(path, None)
-                gc.collect()
-
-
-def _count_uses(params: Params, layout: Layout, cache: _ModelCache, jobs: list[_Job]) -> None:
-    names = [j.name for j in jobs]
-    # With BTM in the plan, the members' own rows replay its passes and load nothing.
-    cache.expect(layout.public_model, 1)
-    cache.expect(layout.merged, 1 + sum(n.startswith("optout:") for n in names))
-    if "flexolmo-rt" in names:
-        cache.expect(layout.merged_rt, 1 + sum(n.startswith("optout-rt:") for n in names))
-    for o in params.owners:
-        cache.expect(owner_model_path(layout, o), int("btm" in names or f"expert:{o}" in names))
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -227,13 +56,12 @@ def evaluate(params: Params, layout: Layout, *, suite: str = "domains", model: P
     """Evaluate one model folder (`model`) or, with none, every model of the pipeline (the DVC stage)."""
     if suite not in SUITES:
         raise FlexoError(f"unknown suite {suite!r}: choose one of {list(SUITES)}")
-    limit = _effective_limit(params, limit)
+    limit = effective_limit(params, limit)
     if suite == "flexolmo31":
         return _evaluate_flexolmo31(params, layout, model=model, limit=limit)
-    domains = available_domains(params, layout)
     if model is not None:
-        return _evaluate_one(params, layout, Path(model), domains, limit)
-    return _evaluate_all(params, layout, domains, limit)
+        return _evaluate_one(params, layout, Path(model), available_domains(params, layout), limit)
+    return _evaluate_all(params, layout, limit)
 
 
 def available_domains(params: Params, layout: Layout) -> list[str]:
@@ -251,7 +79,7 @@ def available_domains(params: Params, layout: Layout) -> list[str]:
 
 def _evaluate_one(params: Params, layout: Layout, model_dir: Path, domains: list[str], limit: int | None) -> dict:
     started = time.time()
-    model_dir = _require_model(model_dir, "model", "train-public")
+    model_dir = require_model(model_dir, "model", "train-public")
     tokenizer = load_tokenizer_for(model_dir, layout.tokenizer)
     tasks_dir = write_domain_tasks(layout, domains, domains_tasks_dir(layout))
     raw = layout.results / "adhoc" / f"{model_file_name(model_dir.resolve().name)}.domains.json"
@@ -264,37 +92,32 @@ def _evaluate_one(params: Params, layout: Layout, model_dir: Path, domains: list
             "lm_eval_results": str(raw), "wall_s": round(time.time() - started, 1)}  # printed, not written
 
 
-def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int | None) -> dict:
-    from tqdm.auto import tqdm
-
+def _evaluate_all(params: Params, layout: Layout, limit: int | None) -> dict:
+    """The public domain scored here; every owner's domain from the scores it shipped (`score@<owner>`)."""
     started = time.time()
-    _require_model(layout.public_model, "public model", "train-public")
-    cache = _ModelCache(layout.public_model)
-    jobs = _plan(params, layout, lambda: tokenizer, cache)  # checks every input before anything is written
-    _count_uses(params, layout, cache, jobs)
-    tokenizer = load_tokenizer_for(layout.public_model, layout.tokenizer)
-    tasks_dir = write_domain_tasks(layout, domains, domains_tasks_dir(layout))
     ev = params.evaluate
-    bpb: dict[str, dict[str, float]] = {}
-    eval_s: dict[str, float] = {}
-    bar = tqdm(sorted(jobs, key=_run_order), desc="evaluate", unit="model")
-    for job in bar:
-        bar.set_postfix_str(job.name)
-        t0 = time.time()
-        with job.make() as obj:
-            scores = evaluate_model(obj, tokenizer, tasks_dir, limit=limit, batch_size=ev.batch_size,
-                                    max_length=ev.max_length, domains=domains,
-                                    raw_out=layout.results / "lm_eval" / f"{model_file_name(job.name)}.json")
-        bpb[job.name] = {d: round(scores[d], 6) for d in domains}
-        eval_s[job.name] = round(time.time() - t0, 1)
-        bar.write(f"evaluate {job.name}: " + ", ".join(f"{d} {v:.3f}" for d, v in bpb[job.name].items())
-                  + f" ({eval_s[job.name]:.0f}s)")
-    bpb = {j.name: bpb[j.name] for j in jobs}  # back to the plan's (table) order
-    eval_s = {j.name: eval_s[j.name] for j in jobs}
-    owners = [d for d in domains if d != PUBLIC]
+    require_model(layout.public_model, "public model", "train-public")
+    fingerprints = model_fingerprints(params, layout)
+    tokenizer = load_tokenizer_for(layout.public_model, layout.tokenizer)
+    bpb, eval_s = score_models(params, layout, [PUBLIC], limit=limit, tokenizer=tokenizer,
+                               write_tasks=lambda: write_domain_tasks(layout, [PUBLIC], domains_tasks_dir(layout)),
+                               raw_dir=layout.results / "lm_eval")
+    shipped = {}
+    for owner in params.owners:
+        rec = read_scores(layout, owner, rows=list(bpb), fingerprints=fingerprints, limit=limit,
+                          max_length=ev.max_length)
+        if rec is None:
+            log.warning("no scores from owner %s (results/scores/%s.json): its domain is left out; it runs "
+                        "`flexo score --owner %s` on its machine", owner, owner, owner)
+            continue
+        shipped[owner] = rec
+        for m in bpb:
+            bpb[m][owner] = round(float(rec["bpb"][m]), 6)
+    owners = list(shipped)
+    domains = [PUBLIC, *owners]
     metrics = {"bpb": bpb, "limit": limit or 0, "max_length": ev.max_length, "domains": domains,
-               "public_only": not owners}
-    if owners:  # no NaN in metrics (not JSON): without an owner's held-out split there is no owner average
+               "public_only": not owners, "scored_by_owners": owners}
+    if owners:  # no NaN in metrics (not JSON): without an owner's scores there is no owner average
         metrics["avg_owner_bpb"] = {m: round(_mean([s[d] for d in owners]), 6) for m, s in bpb.items()}
 
     out = layout.results
@@ -316,14 +139,12 @@ def _evaluate_all(params: Params, layout: Layout, domains: list[str], limit: int
                     .replace("| flexolmo |", "| flexolmo-rt |"))
     plot_bpb(out / "bpb.png", bpb, domains, owners)
     plot_optout(out / "optout.png", optout, bpb["flexolmo"], domains)
-    # Which expert each domain's tokens go to, layer by layer, for every model with more than one expert.
-    from flexo.routing_report import routing_analysis
-
-    routed = {"flexolmo": layout.merged, **{f"expert:{o}": layout.expert(o) / "model" for o in owners
-                                            if (layout.expert(o) / "model" / "config.json").is_file()}}
-    if "flexolmo-rt" in bpb:
-        routed["flexolmo-rt"] = layout.merged_rt
-    metrics["routing"] = _routing_summary(routing_analysis(params, layout, routed, domains=domains))
+    # Which expert each domain's tokens go to, layer by layer: the public domain routed here, each owner's
+    # domain from the table it shipped.
+    tables, skipped = routing_tables(params, layout, routed_models(params, layout, list(bpb)), domains=[PUBLIC])
+    tables = merge_routing_tables([tables, *[{m: t for m, t in rec["routing"].items() if m in tables}
+                                              for rec in shipped.values()]])
+    metrics["routing"] = _routing_summary(write_routing_report(layout, tables, skipped))
     write_json(out / "metrics.json", metrics)
     timings.record(layout.root, "evaluate", wall_s=round(time.time() - started, 1), eval_s=eval_s)
     metrics["outputs"] = [str(out / n) for n in ("metrics.json", "table.md", "bpb.png", "optout.md", "optout.png",
@@ -342,7 +163,7 @@ def _evaluate_flexolmo31(params: Params, layout: Layout, *, model: Path | None, 
 
     tasks_dir = prepare_benchmarks(layout.downloads, layout.root / "data" / "benchmarks")
     if model is not None:
-        model_dir = _require_model(Path(model), "model", "train-public")
+        model_dir = require_model(Path(model), "model", "train-public")
         out = layout.results / "adhoc" / f"{model_file_name(model_dir.resolve().name)}.flexolmo31.json"
         return {str(model_dir): run_flexolmo31(model_dir, tasks_dir, limit=limit, out_path=out)}
     targets = {"public": layout.public_model, "flexolmo": layout.merged, "flexolmo-rt": layout.merged_rt}

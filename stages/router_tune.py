@@ -39,11 +39,11 @@ from flexo.fsutil import OutputGuard, atomic_dir, read_json
 from flexo.layout import Layout
 from flexo.model_card import write_model_card
 from flexo.modeling import load_config, load_model, load_tokenizer_from, model_guard, read_meta, write_meta
-from flexo.params import PUBLIC, Params, TrainParams
+from flexo.params import PUBLIC, Params, RouterTuneParams, TrainParams
 from flexo.project import stage_command
 from flexo.router_fit import ROUTER_SUFFIX, check_stats_scale, fit_router, gates
 from flexo.router_stats import public_stats, read_update, update_name
-from flexo.refit import embed_stats
+from flexo.refit import embed_stats, store_refits
 from flexo.training import Batches, drop_checkpoint, pack, set_threads, train, write_loss_log
 from flexo.weights import copy_support_files
 
@@ -223,6 +223,20 @@ FEDERATED_NOTE = ("every owner's router-input statistics shaped all router rows 
                   "without the owner and rerunning router_tune gives")
 
 
+def fit_rows_into(model: torch.nn.Module, stats: list[dict[str, torch.Tensor]], names: list[str],
+                  rt: RouterTuneParams) -> list[dict]:
+    """Every layer's router rows fitted from the classes' statistics (`names`: public first, then the owners
+    in the model's expert order) with router_tune's fit settings, and set in `model`: row 0 (r_pub) stays,
+    row c becomes r_pub + W[c-1]. Returns the fit's per-layer figures. Reads and writes no file, so an
+    experiment can refit an in-memory model from statistics it made itself (experiments/router_stats_privacy.py)."""
+    rows, figures = fit_router(stats, len(gates(model)), samples=rt.fit_samples, l2=rt.fit_l2,
+                               steps=rt.fit_steps, lr=rt.fit_lr, seed=rt.seed, names=names)
+    with torch.no_grad():
+        for gate, w in zip(gates(model), rows):
+            gate.weight[1:] = gate.weight[0] + w  # r_pub stays: it is the public model's row
+    return figures
+
+
 def fit_federated(params: Params, layout: Layout) -> dict:
     """The centre's half of federated tuning: every layer's router rows fitted from the owners'
     statistics → models/merged-rt."""
@@ -240,16 +254,15 @@ def fit_federated(params: Params, layout: Layout) -> dict:
     stats = [public, *updates]
     model = load_model(layout.merged)
     rt = params.router_tune
-    rows, figures = fit_router(stats, cfg.num_hidden_layers, samples=rt.fit_samples, l2=rt.fit_l2,
-                               steps=rt.fit_steps, lr=rt.fit_lr, seed=rt.seed, names=[PUBLIC, *owners])
-    with torch.no_grad():
-        for gate, w in zip(gates(model), rows):
-            gate.weight[1:] = gate.weight[0] + w  # r_pub stays: it is the public model's row
+    figures = fit_rows_into(model, stats, [PUBLIC, *owners], rt)
     base = {k: v for k, v in meta.items() if k not in ("shards", "bytes")}
     with atomic_dir(layout.merged_rt, tuned_model_guard()) as tmp:
         model.save_pretrained(tmp, max_shard_size=params.merge.shard_bytes)
         copy_support_files(layout.merged, tmp)
         embed_stats(tmp, dict(zip([PUBLIC, *owners], stats)))  # what an exact opt-out refits from
+        store_refits(tmp, dict(zip([PUBLIC, *owners], stats)), [PUBLIC, *owners],
+                     {"samples_per_class": rt.fit_samples, "steps": rt.fit_steps, "lr": rt.fit_lr, "l2": rt.fit_l2,
+                      "seed": rt.seed}, [g.weight[0].detach().clone() for g in gates(model)])
         out = dict(base, kind="merged-rt", tuned=True, opt_out_guarantee="refit", opt_out_note=FEDERATED_NOTE,
                    router_tune={"method": "federated", "fit": "multinomial logistic regression on Gaussian samples",
                                 "tokens": {name: int(s["tokens"]) for name, s in zip([PUBLIC, *owners], stats)},

@@ -176,6 +176,22 @@ def copy_project(tiny, dst: Path, *, merged: bool = False, ignore: Callable | No
     return project
 
 
+@pytest.fixture(scope="session")
+def evaluated(tiny_project, tmp_path_factory):
+    """A copy of the tiny project, merged, scored by each owner (score@owner) and evaluated by the stage
+    (baselines on, 2 documents per domain)."""
+    from stages.evaluate import evaluate
+    from stages.score import score
+
+    project = copy_project(tiny_project, tmp_path_factory.mktemp("evalproj") / "p", merged=True)
+    layout, params, root = project.layout, project.params, project.root
+    before = sorted(p.relative_to(root) for p in (root / "models").rglob("*"))
+    for owner in params.owners:
+        score(owner, params, layout, limit=2)
+    metrics = evaluate(params, layout, limit=2)
+    return layout, params, metrics, before
+
+
 @pytest.fixture
 def project_copy(tiny_project, tmp_path):
     """A fresh copy of the tiny project for one test to change (a `Project`: .layout, .params)."""

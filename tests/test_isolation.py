@@ -36,9 +36,12 @@ def test_every_owner_stage_reads_only_its_own_data_and_public_artifacts(stages):
         for dep in deps:
             others = [o for o in owners if o != owner and dep.startswith(_owner_paths(o))]
             assert not others, f"{name} depends on {dep}, which belongs to {others}"
-            assert not dep.startswith("models/experts") or dep.startswith(f"models/experts/{owner}")
-            # the merged model is a shared artifact: the owner's extraction audit starts from it
-            assert not dep.startswith("models/merged") or name.startswith("audit@"), (name, dep)
+            # Other owners' packages and the merged models are shared artifacts: only the stages after the
+            # merge (the extraction audit, the owner-side scoring) read them.
+            late = name.startswith(("audit@", "score@"))
+            assert (not dep.startswith("models/experts") or dep.startswith(f"models/experts/{owner}")
+                    or (dep == "models/experts" and name.startswith("score@"))), (name, dep)
+            assert not dep.startswith("models/merged") or late, (name, dep)
             if dep.startswith("data/curated/"):
                 assert dep in (f"data/curated/{owner}", "data/curated/public"), (name, dep)
 
@@ -52,8 +55,24 @@ def test_shared_stages_depend_on_no_owners_curated_data(stages):
             if dep.startswith("data/curated"):
                 assert dep == "data/curated/public", (name, dep)
             if dep.startswith("data/heldout"):
-                assert name == "evaluate", f"only evaluation may read held-out test splits, not {name}"
+                # an owner's held-out text is as private as its training text: only public text is read here
+                assert dep == "data/heldout/public" and name == "evaluate", (name, dep)
     assert "data/curated/public" in stages["tokenizer"] and len([d for d in stages["tokenizer"] if d.startswith("data")]) == 1
+
+
+def test_evaluate_reads_no_owner_data_only_the_scores_owners_ship(stages):
+    import yaml
+
+    owners = yaml.safe_load((REPO / "params.yaml").read_text())["owners"]
+    deps = stages["evaluate"]
+    assert "data/heldout" not in deps and "data/curated" not in deps
+    for owner in owners:
+        assert not any(d.startswith((f"data/heldout/{owner}", f"data/curated/{owner}", f"data/owners/{owner}"))
+                       for d in deps), owner
+    assert "results/scores" in deps and "data/heldout/public" in deps
+    # every owner's domain is scored where its data is, by a stage of that owner
+    for owner in owners:
+        assert f"data/heldout/{owner}" in stages[f"score@{owner}"]
 
 
 def _python_files():

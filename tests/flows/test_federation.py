@@ -1,7 +1,8 @@
 """Federation across machines, as separate clones: a bare git remote and a local DVC remote; a central
 clone that publishes the public artifacts; two owner clones, each holding only its own documents, that
 run their owner flows at the same time and publish their packages; the central flow that receives them,
-merges, tunes and evaluates; then one owner withdrawing. Asserts what each remote holds, that the centre
+merges, tunes and publishes the merged models; each owner scoring them on its own held-out text and
+publishing the numbers; the centre's evaluation from those numbers; then one owner withdrawing. Asserts what each remote holds, that the centre
 never holds owner text or an owner's model folder, and that the merged model equals the single-machine
 merge of the same packages bit for bit."""
 
@@ -55,9 +56,16 @@ def federation(tiny_project, tmp_path_factory, prefect_harness):
         t.join()
     assert not errors, errors
 
+    # Round 1 at the centre: merge, tune, publish the merged models; the evaluation waits for the owners.
+    first_round = central_flow(root=str(central))
+    # Each owner scores the merged models on its own held-out text and publishes only the numbers.
+    scored = {}
+    for owner in OWNERS:
+        scored[owner] = owner_flow(owner, root=str(clones[owner]), after_merge=True)
     central_states = central_flow(root=str(central))
     return {"central": central, "clones": clones, "git_remote": git_remote, "dvc_remote": dvc_remote,
-            "owners": results, "public": public_states, "central_states": central_states}
+            "owners": results, "public": public_states, "central_states": central_states,
+            "first_round": first_round, "scored": scored}
 
 
 def _remote_objects(dvc_remote: Path) -> set[str]:
@@ -94,10 +102,29 @@ def test_each_owner_ships_only_its_package_row_and_statistics(federation):
                           for e in listing))
 
 
+def test_owners_score_where_their_data_is_and_ship_only_numbers(federation):
+    first = federation["first_round"]
+    assert first["merge"] == "ran" and first["evaluate"].startswith("waiting for the scores of alpha, beta")
+    for owner, clone in federation["clones"].items():
+        states = federation["scored"][owner]
+        assert states[f"score@{owner}"] == "ran" and states["receive-central"]
+        listing = _listing(clone, clone / "published" / owner / "scores.dvc")
+        assert [e["relpath"] for e in listing] == ["scores.json"]
+        shipped = json.loads((clone / "published" / owner / "scores" / "scores.json").read_text())
+        assert shipped["owner"] == owner and set(shipped["bpb"]) >= {"public", "flexolmo", "btm", "optout:alpha"}
+        # the owner received the merged models and the other owner's package, never its data or model
+        other = next(o for o in OWNERS if o != owner)
+        assert (clone / "models" / "merged" / "config.json").is_file()
+        assert (clone / "models" / "experts" / other / "expert.safetensors").is_file()
+        assert not (clone / "models" / "experts" / other / "model").exists()
+        assert not (clone / "data" / "heldout" / other).exists()
+
+
 def test_the_git_remote_holds_one_pointer_per_publisher(federation, tmp_path):
     check = git_clone(federation["git_remote"], tmp_path / "check")
     assert sorted(p.relative_to(check).as_posix() for p in (check / "published").rglob("*.dvc")) == [
-        "published/alpha/package.dvc", "published/beta/package.dvc", "published/public/artifacts.dvc"]
+        "published/alpha/package.dvc", "published/alpha/scores.dvc", "published/beta/package.dvc",
+        "published/beta/scores.dvc", "published/central/models.dvc", "published/public/artifacts.dvc"]
     assert not (check / "dvc.lock").exists() or "train_expert@" not in (check / "dvc.lock").read_text()
 
 
@@ -113,18 +140,24 @@ def test_the_centre_holds_no_owner_text_or_model_and_merges_bit_for_bit(federati
 
 def test_the_central_view_is_current_and_its_metrics_are_json(federation):
     central = federation["central"]
-    assert federation["central_states"]["merge"] == "ran" and federation["central_states"]["evaluate"] == "ran"
+    assert federation["first_round"]["merge"] == "ran" and federation["central_states"]["merge"] == "up to date"
+    assert federation["central_states"]["evaluate"] == "ran"
     status = json.loads(sh(central, "flexo", "status", "--json").stdout)
     assert status["would_rerun"] == []
     assert {o: row["package"] for o, row in status["owners"].items()} == {"alpha": "present", "beta": "present"}
-    assert all(s.split("@")[0] in ("curate", "embed", "train_expert", "router_update", "audit")
+    assert all(s.split("@")[0] in ("curate", "embed", "train_expert", "router_update", "audit", "score")
                for s in status["inputs"])
     text = (central / "results" / "metrics.json").read_text()
     metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
-    assert metrics["public_only"] is True and "avg_owner_bpb" not in metrics
-    assert set(metrics["bpb"]) >= {"public", "flexolmo", "flexolmo-rt", "btm", "expert:alpha", "optout:beta"}
-    assert "avg (owners)" not in (central / "results" / "table.md").read_text()
-    assert "public text" in (central / "results" / "table.md").read_text()
+    # every owner's domain is in the table, from the scores the owners shipped; no owner text is here
+    assert metrics["public_only"] is False and metrics["domains"] == ["public", *OWNERS]
+    assert metrics["scored_by_owners"] == list(OWNERS) and set(metrics["avg_owner_bpb"]) == set(metrics["bpb"])
+    assert set(metrics["bpb"]) >= {"public", "flexolmo", "flexolmo-rt", "btm", "expert:alpha", "optout:beta",
+                                   "optout-rt:alpha"}
+    for owner in OWNERS:
+        shipped = json.loads((federation["clones"][owner] / "results" / "scores" / f"{owner}.json").read_text())
+        assert {m: s[owner] for m, s in metrics["bpb"].items()} == shipped["bpb"]
+    assert "avg (owners)" in (central / "results" / "table.md").read_text()
     shown = sh(central, "dvc", "metrics", "show")
     assert "results/metrics.json" in shown.stdout
 
@@ -158,6 +191,7 @@ def test_an_owner_withdrawing_is_merged_out_at_the_centre(federation, ctx, tmp_p
     (central / "params.yaml").write_text(yaml.safe_dump(params))
     states = central_flow(root=str(central))
     assert states["merge"] == "ran" and "receive-beta" not in states
+    assert states["evaluate"].startswith("waiting for the scores of alpha")  # alpha scored the old merge
     merged = json.loads((central / "models" / "merged" / "flexo.json").read_text())
     assert merged["experts"] == ["public", "alpha"]
     assert not (central / "models" / "experts" / "beta").exists()  # pruned after the merge

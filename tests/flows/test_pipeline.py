@@ -51,7 +51,7 @@ def repro_project(tiny_project, tmp_path_factory, prefect_harness):
     states = pipeline(root=str(root))
     ran = {s for s, state in states.items() if state == "ran"}
     assert ran == {"router_update@alpha", "router_update@beta", "merge", "audit@alpha", "audit@beta",
-                   "router_tune", "evaluate"}, states
+                   "router_tune", "score@alpha", "score@beta", "evaluate"}, states
     return root
 
 
@@ -88,11 +88,11 @@ def test_adding_a_document_makes_only_that_owner_and_the_fan_in_stale(repro_proj
     status = json.loads(sh(root, "flexo", "status", "--json").stdout)
     assert status["changed"] == ["curate@beta"]
     # beta's branch (its router statistics included), then the fan-in: the merge and everything computed
-    # on the merged model (every owner's extraction audit, the router fit, the evaluation). alpha's router
+    # on the merged model (every owner's audit and scores, the router fit, the evaluation). alpha's router
     # statistics depend only on alpha's own model and text: they stay.
     assert sorted(status["would_rerun"]) == sorted(
         ["curate@beta", "embed@beta", "train_expert@beta", "merge", "router_update@beta",
-         "audit@alpha", "audit@beta", "router_tune", "evaluate"])
+         "audit@alpha", "audit@beta", "router_tune", "score@alpha", "score@beta", "evaluate"])
     assert status["owners"]["beta"]["expert"] == "stale" and status["owners"]["alpha"]["expert"] == "current"
     sh(root, "dvc", "repro")
     assert sh(root, "dvc", "status", "--quiet", check=False).returncode == 0

@@ -1,19 +1,30 @@
-"""`flexo audit-extraction`: the data-extraction test (FlexOlmo §5.3) on the tiny project: the similarity
-and the decision, a model that has memorised the owner's documents is caught, rates land in
-results/extraction/<owner>.json for the public, the owner's and the merged model."""
+"""`flexo audit-extraction`: the data-extraction test (FlexOlmo §5.3) and the loss-based membership test on
+the tiny project: the similarity and the decision, a model that has memorised the owner's documents is
+caught by both, rates and AUCs land in results/extraction/<owner>.json for the public, the owner's, the
+merged and (when tuned) the router-tuned model."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
+from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-import stages.audit as audit
 from conftest import copy_project, run_cli
+
 from flexo.errors import FlexoError
-from stages.audit import audit_extraction, is_extracted, levenshtein, similarity
+from flexo.layout import Layout
+from stages import audit
+from stages.audit import (
+    audit_extraction,
+    default_models,
+    is_extracted,
+    levenshtein,
+    similarity,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +56,7 @@ def test_decision_at_the_threshold():
 
 def test_sampling_is_seeded_greedy_at_zero_and_respects_top_k():
     logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]] * 64)
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(3)
     assert audit._sample_next(logits, 0.0, 0, 1.0, g()).tolist() == [2] * 64
     assert set(audit._sample_next(logits, 1.0, 2, 1.0, g()).tolist()) <= {2, 3}
     a = audit._sample_next(logits, 1.0, 0, 1.0, g())
@@ -56,28 +67,38 @@ def test_sampling_is_seeded_greedy_at_zero_and_respects_top_k():
 
 # ------------------------------------------------------------------------------------ the stage
 class Memoriser(torch.nn.Module):
-    """A 'model' that has memorised the owner's training documents verbatim: given a context it puts all
-    probability on the token that followed that context in some train document (uniform otherwise).
-    Answers the same calls as a transformers causal LM with a KV cache (here `cache` = the context so far)."""
+    """A 'model' that has memorised the owner's training documents verbatim: at every position it puts all
+    probability on the tokens that followed that context in some train document (uniform otherwise).
+    Answers the same calls as a transformers causal LM with a KV cache (here `cache` = the context so far);
+    the attention mask changes nothing for a real token of a right-padded row."""
 
     def __init__(self, documents: list[list[int]], vocab: int):
         super().__init__()
         self.vocab = vocab
-        self.next = {}
+        self.next = defaultdict(set)
         for ids in documents:
             for i in range(1, len(ids)):
-                self.next.setdefault(tuple(ids[:i]), ids[i])
+                self.next[tuple(ids[:i])].add(ids[i])
 
-    def forward(self, input_ids, cache=None, use_cache=True):
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=True):
         ctx = input_ids if cache is None else torch.cat([cache, input_ids], dim=1)
-        logits = torch.full((ctx.shape[0], ctx.shape[1], self.vocab), -1e9)
+        new = input_ids.shape[1]
+        logits = torch.full((ctx.shape[0], new, self.vocab), -1e9)
         for b, row in enumerate(ctx.tolist()):
-            nxt = self.next.get(tuple(row))
-            if nxt is None:
-                logits[b, -1] = 0.0
-            else:
-                logits[b, -1, nxt] = 0.0
+            for pos in range(new):
+                seen = self.next.get(tuple(row[: len(row) - new + pos + 1]))
+                logits[b, pos, sorted(seen) if seen else slice(None)] = 0.0
         return SimpleNamespace(logits=logits, cache=ctx)
+
+
+def check_membership(report: dict) -> None:
+    """A `membership` entry for every model, the AUC and its interval in [0, 1], as many documents a side."""
+    assert set(report["membership"]) == set(report["models"])
+    assert "Mann-Whitney" in report["membership_method"]
+    for name, m in report["membership"].items():
+        assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["auc_ci95"][0] <= m["auc_ci95"][1] <= 1.0, name
+        assert m["members"] == m["nonmembers"] > 0
+        assert all(math.isfinite(m[k]) and m[k] > 0 for k in ("mean_loss_members", "mean_loss_nonmembers"))
 
 
 def test_rates_for_public_own_and_merged_models(project):
@@ -93,11 +114,19 @@ def test_rates_for_public_own_and_merged_models(project):
     assert written["models"] == report["models"]
     assert written["settings"]["threshold"] == 0.9 and written["settings"]["top_k"] == 50
     assert "text" not in json.dumps(written["models"])  # figures only, never the owner's text
+    check_membership(report)
+    assert written["membership"] == report["membership"]
+    from flexo.data import read_split
+
+    n = min(params.audit.membership_documents, len(read_split(layout, "alpha", "train")),
+            len(read_split(layout, "alpha", "test")))
+    assert report["membership"]["public"]["members"] == n
     # same seed → same result
     again = audit_extraction("alpha", params, layout, documents=12, batch_size=8,
                              out=layout.root / "again.json")
     assert {k: v["extracted"] for k, v in again["models"].items()} == \
         {k: v["extracted"] for k, v in report["models"].items()}
+    assert again["membership"] == report["membership"]
 
 
 def test_memorising_model_is_detected(project, monkeypatch):
@@ -108,7 +137,8 @@ def test_memorising_model_is_detected(project, monkeypatch):
     tok = load_tokenizer(layout)
     # beta's arithmetic drills: every document starts differently, so a verbatim memoriser reproduces all
     docs = tok(read_split(layout, "beta", "train"), add_special_tokens=False)["input_ids"]
-    memoriser = Memoriser([d[:64] for d in docs], len(tok))
+    # as prompted by the extraction test (no EOS) and as scored by the membership test (after an EOS)
+    memoriser = Memoriser([d[:64] for d in docs] + [[tok.eos_token_id, *d[:64]] for d in docs], len(tok))
     real = audit._load_model
     monkeypatch.setattr(audit, "_load_model", lambda p: memoriser if p.name == "memoriser" else real(p))
     fake = layout.root / "memoriser"
@@ -119,6 +149,22 @@ def test_memorising_model_is_detected(project, monkeypatch):
     assert report["models"]["memoriser"]["rate"] == 1.0
     assert report["models"]["memoriser"]["mean_similarity"] == 1.0
     assert report["models"]["public"]["rate"] < 0.5  # a 2-layer width-32 model reproduces ~nothing
+    check_membership(report)
+    # every train document scores a lower loss than every held-out one
+    assert report["membership"]["memoriser"]["auc"] == 1.0
+    assert report["membership"]["memoriser"]["auc_ci95"] == [1.0, 1.0]
+
+
+def test_router_tuned_model_is_audited_when_tuned(project, tmp_path):
+    _, layout = project
+    copy = Layout.at(tmp_path)
+    shutil.copytree(layout.merged, copy.merged)
+    assert "flexolmo-rt" not in default_models("alpha", copy)
+    shutil.copytree(layout.merged, copy.merged_rt)
+    assert default_models("alpha", copy)["flexolmo-rt"] == copy.merged_rt
+    meta = json.loads((copy.merged_rt / "flexo.json").read_text())
+    (copy.merged_rt / "flexo.json").write_text(json.dumps({**meta, "tuned": False}))
+    assert "flexolmo-rt" not in default_models("alpha", copy)  # an untuned copy of the merged model
 
 
 def test_cli_and_bad_settings(project):
@@ -130,7 +176,7 @@ def test_cli_and_bad_settings(project):
     assert printed["owner"] == "beta" and set(printed["models"]) == {"public", "expert:beta", "flexolmo"}
     assert (layout.results / "extraction" / "beta.json").is_file()
     for bad, words in ((["--threshold", "1.5"], "--threshold"), (["--documents", "0"], "--documents"),
-                       (["--top-p", "0"], "--top-p")):
+                       (["--top-p", "0"], "--top-p"), (["--membership-documents", "0"], "--membership-documents")):
         out = layout.results / "extraction" / "alpha.json"
         before = out.read_bytes() if out.exists() else None
         rc, _, err = run_cli(["--root", str(layout.root), "audit-extraction", "--owner", "alpha", *bad])

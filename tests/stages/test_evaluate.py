@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import yaml
 
-from conftest import copy_project, direct_rolling_logprobs, run_cli
+from conftest import direct_rolling_logprobs, run_cli
 from flexo.errors import FlexoError
 from flexo.evaluation import GROUP, evaluate_model, load_tokenizer_for, read_domains, task_name, write_domain_tasks
-from flexo.layout import Layout
 from flexo.modeling import load_model
 from flexo.params import load_params
 
@@ -58,18 +56,6 @@ def test_bits_per_byte_equals_direct_computation(tiny_project, tmp_path):
     assert got["alpha"] == pytest.approx(want, abs=1e-4)
     raw = json.loads((tmp_path / "raw.json").read_text())
     assert raw["results"][task_name("alpha")]["bits_per_byte,none"] == pytest.approx(got["alpha"])
-
-
-@pytest.fixture(scope="module")
-def evaluated(tiny_project, tmp_path_factory):
-    """A copy of the tiny project, merged and evaluated by the stage (baselines on, 2 documents per domain)."""
-    from stages.evaluate import evaluate
-
-    project = copy_project(tiny_project, tmp_path_factory.mktemp("evalproj") / "p", merged=True)
-    layout, params, root = project.layout, project.params, project.root
-    before = sorted(p.relative_to(root) for p in (root / "models").rglob("*"))
-    metrics = evaluate(params, layout, limit=2)
-    return layout, params, metrics, before
 
 
 MODELS = ["public", "flexolmo", "soup", "btm", "expert:alpha", "expert:beta", "optout:alpha", "optout:beta"]
@@ -183,31 +169,6 @@ def test_missing_merged_model_is_a_one_line_error_and_writes_nothing(tiny_projec
     with pytest.raises(FlexoError, match="flexo merge"):
         evaluate(params, tiny_project)
     assert not tiny_project.results.exists()
-
-
-def test_plan_has_flexolmo_rt_only_when_tuned(evaluated, tmp_path):
-    import dataclasses
-
-    from stages.evaluate import _ModelCache, _plan
-
-    layout, params, _, _ = evaluated
-    fake = Layout.at(tmp_path)
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "public").symlink_to(layout.public_model)
-    (tmp_path / "models" / "merged").symlink_to(layout.merged)
-    shutil.copytree(layout.merged, fake.merged_rt)
-    meta = json.loads((fake.merged_rt / "flexo.json").read_text())
-    no_baselines = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, baselines=False))
-
-    def names(p):
-        return [j.name for j in _plan(p, fake, lambda: None, _ModelCache(fake.public_model))]
-
-    (fake.merged_rt / "flexo.json").write_text(json.dumps(dict(meta, kind="merged-rt", tuned=True)))
-    assert names(no_baselines) == ["public", "flexolmo", "flexolmo-rt"]
-    (fake.merged_rt / "flexo.json").write_text(json.dumps(dict(meta, kind="merged-rt", tuned=False)))
-    assert names(no_baselines) == ["public", "flexolmo"]  # an untuned copy would only repeat flexolmo
-    with pytest.raises(FlexoError, match="train-expert --owner alpha"):
-        names(params)  # baselines need every owner's model, which the fake project lacks
 
 
 def test_reports_without_optouts(tmp_path):

@@ -144,6 +144,15 @@ def test_opt_out_of_the_default_model_equals_merge_without_and_refit(project, tm
     assert masked_only  # the refit matters: the default model is not the plain merge
     assert server.respond("Calculate 3 + 4.", exclude=["beta"], max_new_tokens=8).text == \
         reference.respond("Calculate 3 + 4.", max_new_tokens=8).text
+    # router-tune stored each single owner's refit beside the model: the same rows as refitting now
+    from flexo.refit import read_embedded, read_refit, refit
+    from flexo.routers import routers
+
+    meta = read_meta(layout.merged_rt)
+    r_pub = [g.weight[0].detach().clone() for g in routers(load_model(layout.merged_rt))]
+    stored = read_refit(layout.merged_rt, "beta", len(r_pub))
+    fresh = refit(read_embedded(layout.merged_rt), meta["experts"], ["beta"], meta["router_tune"], r_pub)
+    assert stored is not None and all(torch.equal(a, b) for a, b in zip(stored, fresh))
 
 
 def test_private_low_rank_statistics_ship_r_times_h_and_state_their_budget(project):
