@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HOME := $(CURDIR)/.cache/hf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-all dvc-init table clean-outputs bench ablation ceiling
+.PHONY: install demo test test-all dvc-init table clean-outputs bench ablation ceiling privacy-stats
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ ablation: install
 # Where the merged model loses to BTM and how far any linear router could go (~10 min, after `make demo`).
 ceiling: install
 	$(BIN)/python experiments/routing_ceiling.py
+
+# What (ε, δ)-DP and low-rank router statistics cost the default model, and the bytes each owner ships
+# (docs/router_stats_privacy.md; ~10 min, after `make demo`; writes nothing under models/ or results/).
+privacy-stats: install
+	$(BIN)/python experiments/router_stats_privacy.py
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"

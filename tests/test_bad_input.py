@@ -337,6 +337,43 @@ def _not_psd(stats):
         stats[k] = -torch.eye(stats[k].shape[0])
 
 
+def _nan_stats(stats):
+    key = next(k for k in stats if k.endswith(".mean"))
+    stats[key][0] = float("nan")
+
+
+def _stats_of_another_public_model(layout, tmp):
+    setup = _with_stats(lambda stats: None)
+    argv = setup(layout, tmp)
+    info_path = layout.router_update("alpha").with_suffix(".json")
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps(dict(info, public_fingerprint="0" * 64)))
+    return argv
+
+
+def _router_update_with(**router_tune):
+    def setup(layout, tmp):
+        write_params(layout, lambda raw: raw["router_tune"].update(router_tune))
+        return ["router-update", "--owner", "alpha"]
+    return setup
+
+
+def _opt_out_of_tuned_model(exclude: list[str]):
+    def setup(layout, tmp):
+        from flexo.params import load_params
+        from stages.router_tune import router_tune
+        from stages.router_update import router_update
+
+        params = load_params(layout.params)
+        _merged_first(layout)
+        for owner in params.owners:
+            router_update(owner, params, layout)
+        router_tune(params, layout)
+        return ["opt-out", "--model", str(layout.merged_rt), *[a for e in exclude for a in ("--exclude", e)],
+                "--out", str(tmp / "opted")]
+    return setup
+
+
 def _scale_package(key_end: str):
     def setup(layout, tmp):
         edit_package(layout.expert("alpha"), lambda t: [t.__setitem__(k, t[k] * 1e30) for k in list(t) if k.endswith(key_end)])
@@ -398,6 +435,20 @@ CASES += [
          _with_stats(_scale_means), lambda L, t: [L.merged_rt], "mean norm"),
     Case("stats-cov-not-psd", "router statistics whose covariance is not positive semi-definite",
          _with_stats(_not_psd), lambda L, t: [L.merged_rt], "negative eigenvalue"),
+    Case("stats-nan", "router statistics with a NaN in a mean (router-tune)",
+         _with_stats(_nan_stats), lambda L, t: [L.merged_rt], "NaN"),
+    Case("stats-other-public", "router statistics made against another public model (router-tune)",
+         _stats_of_another_public_model, lambda L, t: [L.merged_rt], "another public"),
+    Case("stats-too-little-text", "router statistics from 2 documents (`router_tune.stats_documents: 2`)",
+         _router_update_with(stats_documents=2), lambda L, t: [L.router_update("alpha")], "stats_documents"),
+    Case("stats-epsilon-unmeetable", "a DP budget the accountant cannot meet (`router_tune.dp_epsilon: 1e-9`)",
+         _router_update_with(dp_epsilon=1e-9), lambda L, t: [L.router_update("alpha")], "cannot be met"),
+    Case("stats-delta-too-big", "a DP δ not below 1/documents (`router_tune.dp_epsilon: 1`, `dp_delta: 0.5`)",
+         _router_update_with(dp_epsilon=1.0, dp_delta=0.5), lambda L, t: [L.router_update("alpha")], "dp_delta"),
+    Case("opt-out-rt-unknown", "opt-out of the router-tuned default model excluding an unknown owner",
+         _opt_out_of_tuned_model(["gamma"]), lambda L, t: [t / "opted"], "gamma"),
+    Case("opt-out-rt-everyone", "opt-out of the router-tuned default model excluding every owner",
+         _opt_out_of_tuned_model(["alpha", "beta"]), lambda L, t: [t / "opted"], "every owner"),
     Case("package-router-1e30", "a package's router rows scaled by 1e30 (hash updated to match)",
          _scale_package(".router"), MERGED, "router row"),
     Case("package-ffn-1e30", "a package's FFN weights scaled by 1e30 (hash updated to match)",

@@ -21,7 +21,6 @@ STAGES = [
     (["router-tune"], ["models/merged-rt"]),
     (["audit-extraction", "--owner", "alpha"], ["results/extraction/alpha.json"]),
     (["score", "--owner", "alpha"], ["results/scores/alpha.json"]),
-    (["score", "--owner", "beta"], ["results/scores/beta.json"]),
     (["evaluate"], ["results/metrics.json", "results/table.md", "results/optout.md", "results/lm_eval",
                     "results/routing", "results/tasks/domains"]),
 ]

@@ -48,12 +48,14 @@ def test_this_repositorys_dvc_yaml():
     assert graph.order[0] == "curate_public" and len(pos) == len(graph.order)
     assert pos["merge"] < pos["router_tune"] < pos["evaluate"]
     assert graph.central_stages == ["merge", "router_tune", "evaluate"]
+    # the centre's two rounds: the merge stages need only packages, evaluate the owners' scores
+    assert graph.merge_stages == ["merge", "router_tune"] and graph.final_stages == ["evaluate"]
     assert graph.public_stages == ["curate_public", "tokenizer", "embed_public", "train_public"]
     for owner in owners:
         assert pos[f"audit@{owner}"] > pos["merge"]
         assert pos[f"train_expert@{owner}"] < pos["merge"]
         assert graph.owner_stages(owner) == [f"{s}@{owner}" for s in ("curate", "embed", "train_expert", "router_update")]
-        assert graph.owner_late_stages(owner) == [f"audit@{owner}"]
+        assert graph.owner_late_stages(owner) == [f"audit@{owner}", f"score@{owner}"]
         assert f"curate@{owner}" not in graph.pushed(graph.order)  # an owner's text never goes to a remote
     assert graph.unpushed == {f"curate@{o}" for o in owners}
     # every stage's dependencies come before it
