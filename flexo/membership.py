@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from flexo.tokenization import padded_batch
+
 
 @torch.no_grad()
 def document_losses(model, tokenizer, texts: Sequence[str], *, max_tokens: int, batch_size: int) -> list[float]:
@@ -37,13 +39,7 @@ def document_losses(model, tokenizer, texts: Sequence[str], *, max_tokens: int, 
     model.eval()
     losses: list[float] = []
     for start in range(0, len(docs), batch_size):
-        batch = docs[start: start + batch_size]
-        width = max(map(len, batch))
-        input_ids = torch.full((len(batch), width), eos, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for j, d in enumerate(batch):
-            input_ids[j, : len(d)] = torch.tensor(d)
-            mask[j, : len(d)] = 1
+        input_ids, mask = padded_batch(docs[start: start + batch_size], eos)
         logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
         # position t predicts token t + 1; a target counts when it is a real token (the EOS itself is never a target)
         nll = -torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]

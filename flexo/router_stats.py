@@ -42,6 +42,7 @@ from flexo.layout import Layout
 from flexo.modeling import load_model, load_tokenizer_from
 from flexo.params import PUBLIC, Params
 from flexo.router_fit import check_stats, gates
+from flexo.tokenization import eos_documents, padded_batch
 
 # Fewer tokens than this (or than TOKENS_PER_DIM per dimension the statistics describe: h for the full
 # covariance, r for rank r) and a mean/covariance would say too much about too little text.
@@ -61,9 +62,7 @@ def document_features(model, tokenizer, texts: list[str], *, max_tokens: int, ma
     """Every layer's router input ([tokens, h], fp32) for the first `max_documents` documents, each fed
     after an EOS (the separator the models were trained with; not counted) and cut to `max_tokens` tokens,
     and the document index of every row — per-document rows are what per-document clipping needs."""
-    eos = tokenizer.eos_token_id
-    docs = [[eos, *ids[:max_tokens]] for ids in tokenizer(texts[:max_documents], add_special_tokens=False)["input_ids"]
-            if ids]
+    docs = eos_documents(tokenizer, texts[:max_documents], max_tokens)
     captured: list[list[torch.Tensor]] = [[] for _ in gates(model)]
     hooks = [g.register_forward_hook(lambda m, inp, out, i=i: captured[i].append(inp[0].float()))
              for i, g in enumerate(gates(model))]
@@ -73,12 +72,8 @@ def document_features(model, tokenizer, texts: list[str], *, max_tokens: int, ma
     try:
         for start in range(0, len(docs), batch_size):
             batch = docs[start: start + batch_size]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), eos, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for j, d in enumerate(batch):
-                ids[j, : len(d)] = torch.tensor(d)
-                mask[j, : len(d)] = 1
+            ids, mask = padded_batch(batch, tokenizer.eos_token_id)
+            width = ids.shape[1]
             for c in captured:
                 c.clear()
             model(input_ids=ids, attention_mask=mask)

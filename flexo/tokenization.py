@@ -26,3 +26,23 @@ def load_tokenizer(layout: Layout) -> PreTrainedTokenizerBase:
 
 def count_tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def eos_documents(tokenizer, texts, max_tokens: int) -> list[list[int]]:
+    """Each non-empty text's first `max_tokens` token ids after an EOS (the separator the models were
+    trained with), as the per-document passes (router statistics, membership losses) feed them."""
+    eos = tokenizer.eos_token_id
+    return [[eos, *ids[:max_tokens]] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] if ids]
+
+
+def padded_batch(docs: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) of token-id lists right-padded with `pad_id` to the longest."""
+    import torch
+
+    width = max(map(len, docs))
+    ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(docs), width, dtype=torch.long)
+    for j, d in enumerate(docs):
+        ids[j, : len(d)] = torch.tensor(d)
+        mask[j, : len(d)] = 1
+    return ids, mask
