@@ -192,6 +192,18 @@ def fit_router(stats: list[dict[str, torch.Tensor]], num_layers: int, *, samples
     logit is the reference, W_0 = 0), fitted on `samples` Gaussian draws per class, classes weighted
     equally. Router row of expert c = r_pub + W[c-1]. A fit that collapses is refused, naming the class
     (`names`, public first) whose statistics stand furthest from the others' scale."""
+    # One thread: a multi-threaded BLAS may split the sums differently from run to run under load, and
+    # the rows (and every opt-out refit) must be the same bytes on every rerun (DVC, exact opt-out).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_router(stats, num_layers, samples=samples, l2=l2, steps=steps, lr=lr, seed=seed, names=names)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_router(stats: list[dict[str, torch.Tensor]], num_layers: int, *, samples: int, l2: float, steps: int,
+                lr: float, seed: int, names: Sequence[str] | None = None) -> tuple[list[torch.Tensor], list[dict]]:
     if len(stats) < 2:  # only the public class is left (every owner opted out): no rows to fit
         d = stats[0]["layers.0.mean"].numel() if stats else 0
         return [torch.zeros(0, d) for _ in range(num_layers)], [{"classes": len(stats)} for _ in range(num_layers)]
