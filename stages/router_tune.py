@@ -44,7 +44,7 @@ from flexo.project import stage_command
 from flexo.router_fit import ROUTER_SUFFIX, check_stats_scale, fit_router, gates
 from flexo.router_stats import public_stats, read_update, update_name
 from flexo.refit import embed_stats, store_refits
-from flexo.training import Batches, drop_checkpoint, pack, set_threads, train, write_loss_log
+from flexo.training import Batches, drop_checkpoint, pack, train, write_loss_log
 from flexo.weights import copy_support_files
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,9 @@ def fit_rows_into(model: torch.nn.Module, stats: list[dict[str, torch.Tensor]], 
 def fit_federated(params: Params, layout: Layout) -> dict:
     """The centre's half of federated tuning: every layer's router rows fitted from the owners'
     statistics → models/merged-rt."""
-    set_threads()
+    # One thread: the public class's statistics and the fit must be the same bytes on every rerun (a
+    # multi-threaded BLAS under load splits its sums differently); the whole stage is seconds of compute.
+    torch.set_num_threads(1)
     meta = read_meta(layout.merged)
     owners = [e for e in meta.get("experts", []) if e != PUBLIC]
     cfg = load_config(layout.merged)
