@@ -62,7 +62,7 @@ ceiling: install
 	$(BIN)/python experiments/routing_ceiling.py
 
 # What (ε, δ)-DP and low-rank router statistics cost the default model, and the bytes each owner ships
-# (docs/router_stats_privacy.md; ~10 min, after `make demo`; writes nothing under models/ or results/).
+# (docs/router_stats_privacy.md; ~1 h on 2 busy cores, after `make demo`; writes nothing in models/, results/).
 privacy-stats: install
 	$(BIN)/python experiments/router_stats_privacy.py
 

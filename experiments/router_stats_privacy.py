@@ -1,6 +1,6 @@
 """Private, bounded router statistics: what (ε, δ)-DP and a low-rank form cost the default model.
 
-    make privacy-stats                                    # ≈ 10 min on 2 cores, after `make demo`
+    make privacy-stats                                    # ≈ 1 h on 2 busy cores, after `make demo`
     .venv/bin/python experiments/router_stats_privacy.py --epsilons inf,8,2,1,0.5 --ranks 0,64,16
 
 For every (ε, r) — ε = router_tune.dp_epsilon (inf = no DP), r = router_tune.stats_rank (0 = the full
@@ -9,20 +9,21 @@ covariance) — each owner's statistics are made exactly as `flexo router-update
 written to a temp folder as the owner would ship them (their size is the bytes per owner), read back
 and checked as `flexo router-tune` reads them (`read_update`, `check_stats_scale`), fitted with
 router_tune's settings by the centre's own code (`stages.router_tune.fit_rows_into`) into an in-memory
-copy of models/merged, and scored with lm-eval on every owner's held-out test split, as `flexo
-evaluate` scores flexolmo-rt. The expensive part, every owner's router inputs on its own train text, is
-computed once; a configuration costs a summary, a fit and an evaluation (~30 s).
+copy of models/merged, and scored on every owner's held-out test split by the evaluation's own lm-eval
+path (`flexo.evaluation.evaluate_model`, evaluate.batch_size and max_length), as `flexo score` scores
+flexolmo-rt. The expensive part, every owner's router inputs on its own train text, is computed once; a
+configuration costs a summary, a fit and an evaluation (2–5 min on 2 busy cores, the evaluation most).
 
-The (ε = inf, r = 0) configuration is the demo's default model when params.yaml has router_tune
-dp_epsilon: 0 and stats_rank: 0: its statistics must equal models/router_updates/, its router rows
-models/merged-rt's and its avg owner bpb results/metrics.json's flexolmo-rt (or, where that has no owner
-average, models/merged-rt scored here); all three are checked and printed.
+The configuration params.yaml's router_tune gives (dp_epsilon 0 = inf, stats_rank) is the demo's default
+model: its statistics must equal models/router_updates/ and its router rows models/merged-rt's bit for bit,
+and its avg owner bpb results/metrics.json's flexolmo-rt (or, where that has no owner average,
+models/merged-rt scored here); all three are checked and printed. Cells show the change vs (inf, full).
+Rows of configurations left out of --epsilons/--ranks are kept from the last report.
 
 Reads the demo's outputs, every owner's train and held-out text in one process (a diagnostic, which
 the pipeline never does); writes docs/router_stats_privacy.{json,md} (or --out) and nothing under models/
-or results/. It creates the
-owners' DP secret (.cache/dp-secret) if absent, as `flexo router-update` does under DP, so the noise is
-the noise the stage would add on this machine.
+or results/. It creates the owners' DP secret (.cache/dp-secret) if absent, as `flexo router-update`
+does under DP, so the noise is the noise the stage would add on this machine.
 """
 
 from __future__ import annotations
@@ -158,9 +159,8 @@ def run(epsilons: list[float], ranks: list[int], root: Path, out: Path) -> dict:
         if report["configurations"]:
             report["earlier_runs"] = last.get("earlier_runs", []) + [
                 {"started": last["started"], "command": last["command"], "git": last["git"]}]
-        if ("inf", 0) not in grid and last.get("reproduction"):
-            report["reproduction"] = {k: v for k, v in last["reproduction"].items()
-                                      if k in ("statistics_equal_demo", "router_rows_equal_demo", "error")}
+        report["reproduction"] = {k: v for k, v in (last.get("reproduction") or {}).items()
+                                  if isinstance(v, dict) and k not in {_key(*c) for c in grid}}
 
     model = load_model(layout.merged)
     layers, hidden = len(gates(model)), model.config.hidden_size
@@ -182,19 +182,20 @@ def run(epsilons: list[float], ranks: list[int], root: Path, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="privacy-stats-", dir=layout.root / ".cache") as tmp:
         tasks = write_domain_tasks(layout, domains, Path(tmp) / "tasks")
         shipped = Layout.at(Path(tmp) / "owners")  # what the owners ship, one configuration at a time
-        # inf (the demo's default) first: a failed reproduction shows before the rest is spent.
-        for eps in sorted(epsilons, key=lambda e: -e):
-            for rank in ranks:
-                row = configuration(eps, rank, people, public, clip, secret, shipped, model, tokenizer, tasks,
-                                    params, meta, domains, layers, hidden)
-                report["configurations"].append(dict(row, run_started=report["started"]))
-                if math.isinf(eps) and rank == 0:
-                    report["reproduction"] = same_as_demo(layout, model, people)
-                write(report, out)
-        base = next((r for r in report["configurations"] if r["epsilon"] == "inf" and r["rank"] == 0), None)
-        if base is not None:
-            report.setdefault("reproduction", {}).update(
-                same_bpb_as_demo(layout, base, tokenizer, tasks, params, owners))
+        # The demo's own configuration first: a failed reproduction shows before the rest is spent.
+        demo = (_label(rt.dp_epsilon if rt.dp_epsilon > 0 else math.inf), rt.stats_rank)
+        for eps, rank in sorted(((e, r) for e in epsilons for r in ranks),
+                                key=lambda c: ((_label(c[0]), c[1]) != demo, -c[0])):
+            row = configuration(eps, rank, people, public, clip, secret, shipped, model, tokenizer, tasks,
+                                params, meta, domains, layers, hidden)
+            report["configurations"].append(dict(row, run_started=report["started"]))
+            if (row["epsilon"], rank) == demo:
+                report.setdefault("reproduction", {})[_key(*demo)] = same_as_demo(layout, model, people, shipped)
+            write(report, out)
+        # Its bpb at the end: a demo's evaluation still running at the start may have finished meanwhile.
+        if demo in grid and _key(*demo) in report.get("reproduction", {}):
+            row = next(r for r in report["configurations"] if (r["epsilon"], r["rank"]) == demo)
+            report["reproduction"][_key(*demo)].update(same_bpb_as_demo(layout, row, tokenizer, tasks, params, owners))
     report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     report["wall_s"] = round(time.time() - started, 1)
     write(report, out)
@@ -251,18 +252,13 @@ def statistics_error(people: list[Owner], updates: list[dict]) -> dict:
     return {"mean": round(sum(mean_err) / len(mean_err), 4), "cov": round(sum(cov_err) / len(cov_err), 4)}
 
 
-def same_as_demo(layout: Layout, model, people: list[Owner]) -> dict:
-    """Right after the (ε inf, full) fit: are its statistics models/router_updates/' and its router rows
-    models/merged-rt's, bit for bit?"""
+def same_as_demo(layout: Layout, model, people: list[Owner], shipped: Layout) -> dict:
+    """Right after the fit of the configuration params.yaml gives (the demo's own): are the statistics the
+    owners shipped here models/router_updates/' and the router rows models/merged-rt's, bit for bit?"""
     out: dict = {}
     try:
-        manifests = {p.name: json.loads(layout.router_update(p.name).with_suffix(".json").read_text())
-                     for p in people}
-        if all(not m.get("dp") and not m.get("rank") for m in manifests.values()):
-            out["statistics_equal_demo"] = all(_same(load_file(layout.router_update(p.name)), p.exact)
-                                               for p in people)
-        else:
-            out["statistics_equal_demo"] = "not comparable: the demo ran with DP or a low rank"
+        out["statistics_equal_demo"] = all(
+            _same(load_file(layout.router_update(p.name)), load_file(shipped.router_update(p.name))) for p in people)
         demo_rows = {}
         for f in safetensors_files(layout.merged_rt):
             demo_rows.update({k: v for k, v in load_file(f).items() if k.endswith(ROUTER_SUFFIX)})
@@ -271,14 +267,13 @@ def same_as_demo(layout: Layout, model, people: list[Owner]) -> dict:
             torch.equal(ours[k], demo_rows[k]) for k in ours)
     except (FlexoError, OSError, ValueError) as e:  # e.g. a `dvc repro` rewriting the demo's outputs meanwhile
         out["error"] = f"{type(e).__name__}: {e}"
-    print(f"[privacy] (inf, full) vs the demo: {out}", flush=True)
+    print(f"[privacy] the demo's configuration vs models/: {out}", flush=True)
     return out
 
 
 def same_bpb_as_demo(layout: Layout, row: dict, tokenizer, tasks: Path, params, owners: list[str]) -> dict:
-    """At the end (a demo's evaluate may still be running when this starts): the (ε inf, full) avg owner bpb vs
-    results/metrics.json's flexolmo-rt, or, where that has no owner average, models/merged-rt scored here as
-    the evaluate stage scores it."""
+    """The demo configuration's avg owner bpb vs results/metrics.json's flexolmo-rt, or, where that has no
+    owner average, models/merged-rt scored here as the evaluation scores it."""
     metrics_file = layout.results / "metrics.json"
     try:
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
@@ -296,10 +291,10 @@ def same_bpb_as_demo(layout: Layout, row: dict, tokenizer, tasks: Path, params, 
     if row.get("avg_owner_bpb") is not None:
         out["difference"] = round(row["avg_owner_bpb"] - demo, 6)
         out["reproduced"] = abs(out["difference"]) <= REPRODUCE_TOLERANCE
-    print(f"[privacy] (inf, full) avg owner bpb {out['avg_owner_bpb']}, the demo's flexolmo-rt {demo} ({source}): "
-          f"difference {out.get('difference')}", flush=True)
+    print(f"[privacy] the demo's configuration: avg owner bpb {out['avg_owner_bpb']}, the demo's flexolmo-rt {demo} "
+          f"({source}): difference {out.get('difference')}", flush=True)
     if out.get("reproduced") is not True:
-        print(f"[privacy] WARNING: the (inf, full) configuration does not reproduce the demo to {REPRODUCE_TOLERANCE}",
+        print(f"[privacy] WARNING: the demo's configuration does not reproduce the demo to {REPRODUCE_TOLERANCE}",
               flush=True)
     return out
 
@@ -349,6 +344,11 @@ def write(report: dict, out: Path) -> None:
     write_json(out / f"{NAME}.json", report)
     with atomic_file(md_path) as f:
         f.write(render(report) + reading)
+
+
+def _key(eps, rank: int) -> str:
+    """A configuration's name in the report: "inf/0", "8.0/64"."""
+    return f"{eps}/{rank}"
 
 
 def _label(eps: float) -> float | str:
@@ -423,17 +423,19 @@ def render(report: dict) -> str:
     if refused:
         lines += ["", "Refused by `flexo router-tune`:", ""]
         lines += [f"- ε {_eps_label(c['epsilon'])}, {_rank_label(c['rank'])}: {c['refused']}" for c in refused]
-    rep = report.get("reproduction") or {}
-    checks = []
-    if "demo_avg_owner_bpb" in rep:
-        checks.append(f"avg owner bpb {rep['avg_owner_bpb']} vs the demo's flexolmo-rt {rep['demo_avg_owner_bpb']} "
-                      f"({rep['demo_source']}), difference {rep.get('difference')}")
-    if "router_rows_equal_demo" in rep:
-        checks.append(f"statistics equal to models/router_updates/: {rep['statistics_equal_demo']}; router rows "
-                      f"equal to models/merged-rt's: {rep['router_rows_equal_demo']}")
-    checks += [f"not checked: {rep[k]}" for k in ("error", "bpb_error") if k in rep]
-    if checks:
-        lines += ["", "Reproduction of the demo by (∞, full): " + "; ".join(checks) + "."]
+    for key, rep in (report.get("reproduction") or {}).items():
+        eps, rank = key.split("/")
+        checks = []
+        if "router_rows_equal_demo" in rep:
+            checks.append(f"the statistics equal models/router_updates/ bit for bit: {rep['statistics_equal_demo']}; "
+                          f"the router rows equal models/merged-rt's: {rep['router_rows_equal_demo']}")
+        if "demo_avg_owner_bpb" in rep:
+            checks.append(f"avg owner bpb {rep['avg_owner_bpb']} vs the demo's flexolmo-rt {rep['demo_avg_owner_bpb']} "
+                          f"({rep['demo_source']}), difference {rep.get('difference')}")
+        checks += [f"not checked: {rep[k]}" for k in ("error", "bpb_error") if k in rep]
+        lines += ["", (f"Reproduction of the demo (router_tune as params.yaml had it: ε "
+                       f"{_eps_label(eps if eps == 'inf' else float(eps))}, {_rank_label(int(rank))}): "
+                       + "; ".join(checks) + ".")]
     return "\n".join(lines) + "\n"
 
 
