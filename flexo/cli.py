@@ -31,6 +31,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 from flexo import timings  # noqa: E402
 from flexo.errors import FlexoError  # noqa: E402
 from flexo.fsutil import NO_SPACE  # noqa: E402
+from flexo.threads import torch_threads  # noqa: E402
 
 # Every stage module, in pipeline order: each adds its own subcommand (arguments next to its function).
 STAGES = ("curate", "tokenizer", "embed", "train_public", "train_expert", "router_update", "merge",
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "lm_eval", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        result = args.run(args)
+        # A stage leaves torch's thread count as it found it (see flexo/threads.py).
+        with torch_threads():
+            result = args.run(args)
     except FlexoError as e:
         print(f"flexo: error: {e}", file=sys.stderr)
         return 2

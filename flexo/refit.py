@@ -12,6 +12,7 @@ router-tune` without X, and it is what `flexo opt-out` writes and what `FlexoSer
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -31,8 +32,10 @@ REFITS = "router_refits.safetensors"  # each single owner's opt-out refit, preco
 def embed_stats(folder: Path, stats: dict[str, dict[str, torch.Tensor]]) -> None:
     """Keep the fit's inputs (class name → statistics, public first) inside a tuned model folder."""
     flat = {f"{name}/{key}": t.contiguous() for name, s in stats.items() for key, t in s.items()}
-    save_file(flat, str(embedded_path(folder)), metadata={"format": "flexo-router-fit-inputs-v1",
-                                                          "classes": ",".join(stats)})
+    # One metadata key: safetensors writes a metadata map of several keys in a random order, so the file's
+    # bytes (and its DVC hash) would differ from run to run.
+    header = json.dumps({"format": "flexo-router-fit-inputs-v1", "classes": list(stats)}, sort_keys=True)
+    save_file(flat, str(embedded_path(folder)), metadata={"flexo": header})
 
 
 def read_embedded(model_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -42,8 +45,10 @@ def read_embedded(model_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            classes = (f.metadata() or {}).get("classes", "").split(",")
-    except (SafetensorError, OSError) as e:
+            metadata = f.metadata() or {}
+        # Earlier flexo wrote the class list as its own key (see embed_stats).
+        classes = json.loads(metadata["flexo"])["classes"] if "flexo" in metadata else metadata.get("classes", "").split(",")
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise FlexoError(f"{path} is unreadable ({e}): rerun `flexo router-tune`") from None
     out: dict[str, dict[str, torch.Tensor]] = {c: {} for c in classes if c}
     for key, t in flat.items():

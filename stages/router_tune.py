@@ -37,6 +37,7 @@ from flexo.embedder import embed_texts, load_embedder
 from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir, read_json
 from flexo.layout import Layout
+from flexo.threads import torch_threads
 from flexo.model_card import write_model_card
 from flexo.modeling import load_config, load_model, load_tokenizer_from, model_guard, read_meta, write_meta
 from flexo.params import PUBLIC, Params, RouterTuneParams, TrainParams
@@ -240,9 +241,13 @@ def fit_rows_into(model: torch.nn.Module, stats: list[dict[str, torch.Tensor]], 
 def fit_federated(params: Params, layout: Layout) -> dict:
     """The centre's half of federated tuning: every layer's router rows fitted from the owners'
     statistics → models/merged-rt."""
-    # One thread: the public class's statistics and the fit must be the same bytes on every rerun (a
-    # multi-threaded BLAS under load splits its sums differently); the whole stage is seconds of compute.
-    torch.set_num_threads(1)
+    # One thread: the public class's statistics and the fit are then the same bytes whatever the machine's
+    # core count; the whole stage is seconds of compute. The count is restored on the way out.
+    with torch_threads(1):
+        return _fit_federated(params, layout)
+
+
+def _fit_federated(params: Params, layout: Layout) -> dict:
     meta = read_meta(layout.merged)
     owners = [e for e in meta.get("experts", []) if e != PUBLIC]
     cfg = load_config(layout.merged)
