@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HOME := $(CURDIR)/.cache/hf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-all dvc-init table clean-outputs bench ablation ceiling privacy-stats
+.PHONY: install demo test test-all dvc-init table clean-outputs bench bench-growth ablation ceiling privacy-stats
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,12 +46,16 @@ demo: dvc-init
 	@cat results/table.md 2>/dev/null || true
 
 # Speed and memory, side by side with the plain baseline of each step (bench/run.py; ~7 min on 2 cores).
-# BENCH_BEFORE: the commit whose merge is timed as "before" (the one before the streaming merge).
-BENCH_BEFORE ?= 1dbca68
+# BENCH_BEFORE: the commit whose merge is timed as "before" (the last merge through torch, before the byte-level one).
+BENCH_BEFORE ?= b6dd0bd
 # On a fresh clone it first builds what the timed steps need (public model, code owner's data: ~3 min).
 bench: dvc-init
 	dvc repro train_public embed@code
 	$(BIN)/python bench/run.py --before $(BENCH_BEFORE)
+
+# How flexo's costs grow with the owners: 4, 16 and 64 synthetic owners from the demo's artifacts (bench/growth.py; ~15 min, after `make demo`).
+bench-growth: install
+	$(BIN)/python bench/growth.py
 
 # The routing ablation of results/ablation.md (~40 min; needs `make demo` first for the public model).
 ablation: install

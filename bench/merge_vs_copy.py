@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 # Runs argv[1:] and prints its peak RSS (KiB, Linux) on stderr's last line: a fresh wrapper per command,
@@ -129,7 +130,8 @@ def main() -> None:
     print(f"after: merge {merge_s:.1f}s, peak RSS {merge_rss / 1e9:.2f} GB", flush=True)
     flexo = [sys.executable, "-m", "flexo.cli"]
     baseline = subprocess.run([*flexo, "--help"], capture_output=True)  # warm imports for the baseline RSS
-    _, base_rss = peak_rss_bytes([sys.executable, "-c", "import torch, transformers, safetensors, flexo.modeling"])
+    # What the merge process imports before it reads a byte (flexo's CLI and the merge stage: no torch).
+    _, base_rss = peak_rss_bytes([sys.executable, "-c", "import flexo.cli, stages.merge"], cwd=str(ROOT))
     subprocess.run(["sync"])
     t = time.time()
     (a.out / "copy").mkdir()

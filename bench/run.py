@@ -7,8 +7,8 @@ Figures (goal in brackets; merge and cp are each timed until `sync` returns, mer
 - train_vs_plain_loop   tokens/s of train-expert's loop (flexo.training.train: masks, clipping, periodic
                         validation and checkpoints) over a minimal hand-written AdamW loop, same model,
                         batches and steps [≥ 0.9]
-- merge_vs_copy         bytes/s of `flexo merge` over `cp -r` of the same ≥ 2 GB of synthetic packages [≥ 0.5]
-- merge_peak_rss_over_largest_input   the merge's peak RSS over the largest input file [≤ 3]
+- merge_vs_copy         bytes/s of `flexo merge` over `cp -r` of the same ≥ 2 GB of synthetic packages [≥ 0.8]
+- merge_peak_rss_over_largest_input   the merge's peak RSS over the largest input file [≤ 1.5]
 - demo_wall_s + stages  from the last `make demo` (.cache/demo_wall.json, .cache/timings.jsonl)
 - eval_tokens_per_s_merged_over_public   forward tokens/s of the merged MoE over the dense public model
 With --before REV the merge is also timed with the code at git revision REV on the same inputs.
@@ -278,9 +278,9 @@ def render(report: dict) -> str:
              f"{t['plain_tokens_per_s']:.0f} tok/s, {t['steps']} steps of train-expert ({t['owner']}); with the loop's "
              f"periodic validation included {t['flexo_loop_with_validation_tokens_per_s']:.0f} tok/s = "
              f"{t['loop_with_validation_vs_plain']} |",
-             f"| merge_vs_copy | {m['merge_vs_copy']} | ≥ 0.5 | {m['merge_bytes_per_s'] / 1e6:.0f} vs "
+             f"| merge_vs_copy | {m['merge_vs_copy']} | ≥ 0.8 | {m['merge_bytes_per_s'] / 1e6:.0f} vs "
              f"{m['cp_bytes_per_s'] / 1e6:.0f} MB/s on {m['input_bytes'] / 1e9:.2f} GB ({m['experts']} experts) |",
-             f"| merge_peak_rss_over_largest_input | {m['merge_peak_rss_over_largest_input']} | ≤ 3 | "
+             f"| merge_peak_rss_over_largest_input | {m['merge_peak_rss_over_largest_input']} | ≤ 1.5 | "
              f"{m['merge_peak_rss_bytes'] / 1e9:.2f} GB peak over a {m['largest_input_bytes'] / 1e6:.0f} MB file "
              f"(imports alone: {m['import_only_rss_bytes'] / 1e9:.2f} GB) |",
              f"| eval_tokens_per_s_merged_over_public | {e['eval_tokens_per_s_merged_over_public']} | (cost of the MoE) | "
@@ -302,10 +302,12 @@ def render(report: dict) -> str:
                   f"| merge / cp | {b['merge_vs_copy']} | {m['merge_vs_copy']} |",
                   f"| peak RSS (GB) | {b['merge_peak_rss_bytes'] / 1e9:.2f} | {m['merge_peak_rss_bytes'] / 1e9:.2f} |",
                   f"| peak RSS / largest input | {b['merge_peak_rss_over_largest_input']} | {m['merge_peak_rss_over_largest_input']} |",
-                  "", f"Before = git {report['before']}: checks as separate passes (sha256, then every tensor "
-                  "read for NaN/Inf), then the merge read every tensor again and buffered a whole shard for "
-                  "`save_file`. After: one streaming pass (header from shapes, tensors appended one at a "
-                  "time, NaN/Inf checked on the way) while a second thread hashes the inputs.", ""]
+                  "", f"Before = git {report['before']}: the streaming merge through torch (every tensor "
+                  "deserialised by safetensors into a torch tensor, checked, serialised again; torch and "
+                  "transformers imported by the process). After: the same stream as bytes (flexo/weights.py: "
+                  "headers parsed, each tensor's byte range read with one positioned read, NaN/Inf and scale "
+                  "checked through a numpy view, no torch or transformers import); the outputs are the same "
+                  "bytes (tests/stages/test_merge_bytes.py).", ""]
     if "eval_members" in report:
         em = report["eval_members"]
         lines += ["## The evaluate stage: BTM's members no longer run twice (before → after, same run)", "",

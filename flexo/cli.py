@@ -33,24 +33,42 @@ from flexo.errors import FlexoError  # noqa: E402
 from flexo.fsutil import NO_SPACE  # noqa: E402
 from flexo.threads import torch_threads  # noqa: E402
 
-# Every stage module, in pipeline order: each adds its own subcommand (arguments next to its function).
-STAGES = ("curate", "tokenizer", "embed", "train_public", "train_expert", "router_update", "merge",
-          "router_tune", "audit", "score", "evaluate", "optout", "attribute", "status")
+# Every subcommand and the stage module that declares it (arguments next to its function), in pipeline order.
+COMMANDS = {"curate": "curate", "tokenizer": "tokenizer", "embed": "embed", "train-public": "train_public",
+            "train-expert": "train_expert", "router-update": "router_update", "merge": "merge",
+            "router-tune": "router_tune", "audit-extraction": "audit", "score": "score", "evaluate": "evaluate",
+            "opt-out": "optout", "attribute": "attribute", "status": "status"}
+STAGES = tuple(dict.fromkeys(COMMANDS.values()))
+_GLOBAL_VALUES = ("--root", "--params")  # the options before the subcommand that take a value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: tuple[str, ...] = STAGES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=".", help="project root holding params.yaml (default: .)")
     parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
-    for name in STAGES:
+    for name in modules:
         importlib.import_module(f"stages.{name}").add_cli(sub)
     return parser
 
 
+def command_module(argv: list[str]) -> str | None:
+    """The stage module of the subcommand in `argv`, or None (no subcommand, --help, a typo): only that
+    module is imported, so `flexo merge` or `flexo status` never pays for torch's import."""
+    it = iter(argv)
+    for arg in it:
+        if arg in _GLOBAL_VALUES:
+            next(it, None)
+        elif not arg.startswith("-"):
+            return COMMANDS.get(arg)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    module = command_module(argv)
+    args = build_parser((module,) if module else STAGES).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "lm_eval", "fsspec"):

@@ -30,7 +30,7 @@ from pathlib import Path
 from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir, atomic_path
 from flexo.layout import Layout
-from flexo.modeling import read_meta
+from flexo.model_files import read_meta
 from flexo.package import PACKAGE_META, PACKAGE_TENSORS, ExpertPackage
 from flexo.params import CENTRAL, PUBLIC, validate_owner_name
 

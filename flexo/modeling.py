@@ -8,33 +8,27 @@ Every model flexo writes is a plain `FlexOlmoForCausalLM` folder (loads with
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 from pathlib import Path
-from typing import Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, FlexOlmoConfig, FlexOlmoForCausalLM
 
 from flexo.errors import FlexoError
-from flexo.fsutil import OutputGuard, read_json, write_json
-from flexo.params import OWNER_NAME, PUBLIC, ModelParams
+from flexo.fsutil import read_json
+# The torch-free half of a model folder (manifest, file names, top-k rule, weights as bytes), re-exported.
+from flexo.model_files import (  # noqa: F401
+    META, MODEL_FILES, SUPPORT_FILES, check_top_k, effective_top_k, model_guard, model_kind, read_meta,
+    safetensors_files, write_meta,
+)
+from flexo.params import ModelParams
+from flexo.weights import fingerprint  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-META = "flexo.json"
-# Files a served model needs besides its weights and config (copied verbatim when present).
-SUPPORT_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
-# Every file flexo writes into a model folder (globs): a folder holding anything else is not replaced.
-MODEL_FILES = ("config.json", META, "README.md", "loss.csv", "model.safetensors", "model-*-of-*.safetensors",
-               "model.safetensors.index.json", "router_stats.safetensors", "router_refits.safetensors", *SUPPORT_FILES)
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -61,24 +55,6 @@ def model_config(m: ModelParams, *, vocab_size: int, pad_id: int, eos_id: int, n
         tie_word_embeddings=False,
         output_router_logits=False,
     )
-
-
-def check_top_k(top_k: int, num_experts: int) -> None:
-    # transformers does not validate this; forward would fail later with "selected index k out of range".
-    if not 1 <= top_k <= num_experts:
-        raise FlexoError(f"top-k {top_k} is out of range: it must be between 1 and the {num_experts} experts")
-
-
-def effective_top_k(requested: int, num_experts: int, what: str) -> int:
-    """The one rule of merge and opt-out when fewer experts remain than top-k asks for: clamp to the
-    experts there are, and say so (the released FlexOlmo RT model runs 7 of 7: withdrawing an owner must
-    not make its next merge fail)."""
-    if requested < 1:
-        raise FlexoError(f"top-k {requested} is out of range: it must be at least 1")
-    if requested > num_experts:
-        log.warning("%s: top-k %d > %d experts: using top-%d (recorded in flexo.json as top_k, with top_k_requested)",
-                    what, requested, num_experts, num_experts)
-    return min(requested, num_experts)
 
 
 def with_experts(config: FlexOlmoConfig, num_experts: int, top_k: int) -> FlexOlmoConfig:
@@ -141,78 +117,6 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32) -> FlexOlmoFor
     except Exception as e:  # noqa: BLE001 — weights that do not fit the config raise RuntimeError, etc.
         raise FlexoError(f"cannot load the model in {path} ({_reason(e)}): rerun its stage") from None
     return model.eval()
-
-
-# ------------------------------------------------------------------------------------------ manifests
-# The keys of flexo.json that later stages read, and the JSON type each must have.
-_META_TYPES = {"kind": str, "fingerprint": str, "experts": list, "opted_out": list, "excluded": list,
-               "packages": dict, "training": dict, "top_k": int, "num_experts": int, "opt_out_guarantee": str}
-
-
-def read_meta(model_dir: Path) -> dict:
-    """A model folder's flexo.json, type-checked: `experts` a list of owner names with `public` first,
-    and every key later stages read of the JSON type they expect (one line naming the key if not)."""
-    path = Path(model_dir) / META
-    meta = read_json(path, what="flexo manifest")
-    for key, kind in _META_TYPES.items():
-        value = meta.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise FlexoError(f"flexo manifest {path}: {key} must be a JSON {kind.__name__}, got {value!r}: rerun the "
-                             "stage that wrote it")
-    names = [*meta.get("experts", []), *meta.get("opted_out", []), *meta.get("excluded", [])]
-    bad = [n for n in names if not isinstance(n, str) or not (n == PUBLIC or OWNER_NAME.fullmatch(n))]
-    if bad or (meta.get("experts") and meta["experts"][0] != PUBLIC):
-        raise FlexoError(f"flexo manifest {path}: experts must be owner names with 'public' first, got "
-                         f"{meta.get('experts')!r}: rerun the stage that wrote it")
-    return meta
-
-
-def model_kind(model_dir: Path) -> str | None:
-    """The `kind` in a folder's flexo.json (public, owner, merged, merged-rt), or None without one."""
-    try:
-        kind = read_meta(model_dir).get("kind")
-    except FlexoError:
-        return None
-    return kind if isinstance(kind, str) else None
-
-
-def model_guard(kind: str, what: str, command: str, inputs: Iterable[Path] = ()) -> OutputGuard:
-    """A stage's model folder may replace only an earlier model folder of the same kind."""
-    return OutputGuard(what, lambda path: model_kind(path) == kind, tuple(inputs), command=command, files=MODEL_FILES)
-
-
-def write_meta(model_dir: Path, meta: dict) -> None:
-    write_json(Path(model_dir) / META, meta)
-
-
-def safetensors_files(model_dir: Path) -> list[Path]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FlexoError(f"{model_dir} holds no .safetensors weights: rerun the stage that writes it")
-    return files
-
-
-def fingerprint(model_dir: Path) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order, streamed one tensor at a time.
-
-    Independent of sharding and of file-level metadata, so the same weights always give the same value.
-    """
-    h = hashlib.sha256()
-    entries = []
-    f = model_dir
-    try:
-        for f in safetensors_files(model_dir):
-            with safe_open(f, framework="pt") as st:
-                entries += [(k, f) for k in st.keys()]
-        for key, f in sorted(entries):
-            with safe_open(f, framework="pt") as st:
-                t = st.get_tensor(key).contiguous()
-            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # corrupt or truncated weights
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FlexoError(f"{f} is not a readable safetensors file ({reason}): rerun the stage that writes it") from None
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- router rows

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 from flexo.errors import FlexoError, first_line
 from flexo.fsutil import read_json, sha256_file, write_json
 from flexo.params import PUBLIC, validate_owner_name
+from flexo.weights import read_header
 
 PACKAGE_TENSORS = "expert.safetensors"
 PACKAGE_META = "expert.json"
@@ -122,9 +121,8 @@ class ExpertPackage:
             raise FlexoError(f"{self.where}: {PACKAGE_TENSORS} is missing: copy the whole package or retrain it")
         shapes = self.shapes
         try:
-            with safe_open(str(self.tensors), framework="pt") as st:
-                found = {k: (tuple(st.get_slice(k).get_shape()), st.get_slice(k).get_dtype()) for k in st.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            found = {k: (e.shape, e.dtype) for k, e in read_header(self.tensors).items()}
+        except (OSError, ValueError) as e:
             self.verify()  # a corrupt copy explains an unreadable header best
             raise FlexoError(f"{self.where}: {PACKAGE_TENSORS} is unreadable ({first_line(e)}): fetch or retrain it") from None
         if set(found) != set(shapes):

@@ -18,6 +18,7 @@ machine from `StageGraph`:
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -84,6 +85,12 @@ class StageGraph:
         return [s for s in stages if s not in self.unpushed]
 
 
+# The working directory is the process's, not the thread's: two flows in threads of one process (the
+# federation test runs two owners at once) must not interleave their chdir, or one reads the other's
+# project and leaves the process in the wrong folder.
+_CWD = threading.RLock()
+
+
 @contextlib.contextmanager
 def _repo(root: Path):
     from dvc.repo import Repo
@@ -92,6 +99,7 @@ def _repo(root: Path):
     try:
         # DVC names stages relative to the working directory: work from the project root.
         stack = contextlib.ExitStack()
+        stack.enter_context(_CWD)
         stack.enter_context(contextlib.chdir(root))
         repo = Repo(str(root))
     except Exception as e:  # noqa: BLE001 — not a DVC repo, broken dvc.yaml: one line either way

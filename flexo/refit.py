@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flexo.errors import FlexoError
+from flexo.model_files import needs_refit  # noqa: F401 (re-exported: read without torch by the opt-out)
 from flexo.params import PUBLIC
 from flexo.router_fit import fit_router
 from flexo.router_stats import embedded_path
@@ -57,11 +58,6 @@ def read_embedded(model_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
             raise FlexoError(f"{path} holds statistics of {name!r}, not in its class list {classes}: rerun `flexo router-tune`")
         out[name][rest] = t
     return out
-
-
-def needs_refit(meta: dict) -> bool:
-    """Whether opting an owner out of this model must refit the router rows to be exact."""
-    return (meta.get("router_tune") or {}).get("method") == "federated"
 
 
 def refitted_weights(model_dir: Path, meta: dict, exclude: Sequence[str], r_pub: list[torch.Tensor]

@@ -1,17 +1,25 @@
-"""Model weights as safetensors, one tensor at a time: the reader and the streaming shard writer that the
-merge, opt-out and router tuning share.
+"""Model weights as safetensors bytes, one tensor at a time, without torch: the reader and the streaming
+shard writer that the merge and the opt-out share (and the fingerprint every stage checks).
 
-`WeightReader` gives lazy access to a model folder's tensors (one or many shards, the per-expert or the
-fused expert form). `ShardWriter` writes `TensorSpec`s — a tensor known by name, shape and dtype before
-its bytes are read — into shards of bounded size, computing each shard's header from the specs and then
-appending each tensor as it is loaded and checked (NaN/Inf, an optional plausibility check), so memory
-holds one tensor at a time. `copy_support_files` and `write_config` complete a stock transformers folder.
+The merge and the opt-out change no number: they move tensors between files. So they work on the file
+format itself (an 8-byte header length, a JSON header naming each tensor's dtype, shape and byte range,
+then the data), read each tensor's bytes with one positioned read, scan them for NaN/Inf through a numpy
+view on the way, and append them to the output shard whose header was computed from the shapes before a
+byte was read. No torch or transformers import, no deserialisation, one tensor in memory at a time: the
+cost is the bytes moved (docs/bench).
+
+`WeightReader` gives byte access to a model folder's tensors (one or many shards, the per-expert or the
+fused expert form); `ShardWriter` writes `TensorSpec`s into shards of bounded size named as transformers
+names them; `fingerprint` hashes a folder's weights independent of sharding; `copy_support_files`
+completes a stock transformers folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -19,51 +27,150 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import torch
-from safetensors import SafetensorError, safe_open
-from transformers import FlexOlmoConfig
+import numpy as np
 
 from flexo.errors import FlexoError, first_line
-from flexo.modeling import SUPPORT_FILES
+from flexo.model_files import SUPPORT_FILES, safetensors_files
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+SHARDS = (SINGLE, "model-*-of-*.safetensors")  # a model's weight files (not the router fit's inputs beside them)
 FFN_PARTS = ("gate_proj", "up_proj", "down_proj")
-
-
-# ------------------------------------------------------------------------------------ reading weights
-def read_tensor(path: Path, key: str, row: int | None = None) -> torch.Tensor:
-    """One tensor (or one slice `row` along its first dimension) from a safetensors file.
-
-    The file is opened for this one read: `safe_open` memory-maps the whole file, and every page touched
-    stays resident for as long as the mapping is open, so a handle kept open across a merge would end up
-    holding the whole model in RSS (page cache, but still counted). Opening per tensor costs one header
-    parse and keeps the resident set to the tensors actually held."""
-    with safe_open(str(path), framework="pt") as handle:
-        if row is None:
-            return handle.get_tensor(key)
-        return handle.get_slice(key)[row : row + 1][0]
-
 
 # safetensors dtype names and sizes (the format's own spelling: github.com/huggingface/safetensors).
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-TORCH_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL"}
+_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1",
+          "BOOL": "?"}
+# torch's names of the same dtypes: the fingerprint hashes them (it was first computed from torch tensors).
+TORCH_NAMES = {"F64": "torch.float64", "F32": "torch.float32", "BF16": "torch.bfloat16", "F16": "torch.float16",
+               "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8",
+               "U8": "torch.uint8", "BOOL": "torch.bool"}
+FLOATS = ("F64", "F32", "F16", "BF16")
+MAX_HEADER = 100_000_000  # the format's own bound on the JSON header
+CHUNK = 1 << 26  # read a big tensor for hashing in 64 MiB pieces
 
 
+# ------------------------------------------------------------------------------------ the file format
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors file: its dtype, shape and absolute byte range in `path`."""
+
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> dict[str, Entry]:
+    """The tensors of a safetensors file, from its header only; ValueError if the header is malformed or
+    names bytes the file does not have (a truncated copy)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{size} bytes, shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER, size - 8):
+            raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    base, entries = 8 + n, {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"tensor {name}: malformed header entry") from None
+        if (dtype not in DTYPE_BYTES or not isinstance(begin, int) or not isinstance(end, int) or begin < 0
+                or end - begin != math.prod(shape) * DTYPE_BYTES[dtype] or base + end > size):
+            raise ValueError(f"tensor {name}: {dtype} {list(shape)} does not fit bytes [{begin}, {end}) of the file")
+        entries[name] = Entry(path, dtype, shape, base + begin, base + end)
+    return entries
+
+
+def read_bytes(entry: Entry, offset: int = 0, length: int | None = None) -> np.ndarray:
+    """`length` bytes of a tensor from `offset` (default all of it) as a read-only uint8 array."""
+    length = entry.nbytes - offset if length is None else length
+    fd = os.open(entry.path, os.O_RDONLY)
+    try:
+        buf = os.pread(fd, length, entry.start + offset)
+    finally:
+        os.close(fd)
+    if len(buf) != length:
+        raise ValueError(f"{entry.path}: {len(buf)} of {length} bytes readable (truncated)")
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+def float_values(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """The numbers of a float tensor's bytes (bf16 widened to fp32 exactly), for the checks."""
+    if dtype == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    return raw.view(_NUMPY[dtype])
+
+
+def _sum_squares(values: np.ndarray) -> float:
+    v = values.reshape(-1)
+    return float(np.dot(v, v) if v.dtype != np.float16 else np.dot(v.astype(np.float32), v.astype(np.float32)))
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """No NaN or Inf among `values`. One BLAS pass: a NaN or an Inf makes the sum of squares NaN or Inf,
+    so a finite sum proves them absent; only a non-finite one (either, or an overflow) is scanned exactly."""
+    return math.isfinite(_sum_squares(values)) or bool(np.isfinite(values).all())
+
+
+def rms(values: np.ndarray) -> float:
+    if not values.size:
+        return 0.0
+    total = _sum_squares(values)
+    if not math.isfinite(total):  # fp32 overflow of a large but finite tensor: sum in fp64
+        v = values.reshape(-1).astype(np.float64)
+        total = float(np.dot(v, v))
+    return math.sqrt(total / values.size)
+
+
+def fingerprint(model_dir: Path) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order, one tensor at a time.
+
+    Independent of sharding and of file-level metadata, so the same weights always give the same value."""
+    h = hashlib.sha256()
+    f = Path(model_dir)
+    try:
+        entries: list[tuple[str, Entry]] = []
+        for f in safetensors_files(model_dir):
+            entries += read_header(f).items()
+        for key, e in sorted(entries, key=lambda kv: (kv[0], str(kv[1].path))):
+            f = e.path
+            h.update(f"{key}|{TORCH_NAMES[e.dtype]}|{e.shape}|".encode())
+            for offset in range(0, e.nbytes, CHUNK):
+                h.update(read_bytes(e, offset, min(CHUNK, e.nbytes - offset)).data)
+    except (OSError, ValueError) as e:  # corrupt or truncated weights
+        raise FlexoError(f"{f} is not a readable safetensors file ({first_line(e)}): rerun the stage that writes it") from None
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ reading weights
 @dataclass(frozen=True)
 class TensorSpec:
-    """A tensor to write, known by name, shape and dtype before its bytes are read (`load` reads them).
-    `origin` and `fix` phrase a NaN/Inf error in terms of where the tensor came from."""
+    """A tensor to write, known by name, shape and dtype before its bytes are read (`load` reads them, as
+    a uint8 array or any array whose bytes are the tensor's). `origin` and `fix` phrase a NaN/Inf error in
+    terms of where the tensor came from; `check` sees the tensor's numbers (float tensors only)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
-    load: Callable[[], torch.Tensor]
+    load: Callable[[], np.ndarray]
     origin: str = ""
     fix: str = "retrain or re-export the model it comes from"
-    check: Callable[[torch.Tensor], None] | None = None  # a plausibility check of the loaded tensor
+    check: Callable[[np.ndarray], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -71,70 +178,74 @@ class TensorSpec:
 
 
 class WeightReader:
-    """Lazy access to the tensors of a model folder (one or many safetensors files), one tensor at a time.
+    """Byte access to the tensors of a model folder (its model shards; or the given `files`), one tensor
+    at a time.
 
-    Use as a context manager (it indexes which file holds which tensor); `get` reads one tensor,
-    `get_row` one slice along the first dimension (one expert of a fused tensor, one router row)."""
+    Use as a context manager (it reads every header, so it knows which file holds which tensor); `get`
+    reads one tensor's bytes, `get_row` one slice along the first dimension (one expert of a fused tensor,
+    one router row). Each read opens the file for one positioned read: nothing stays mapped or resident."""
 
-    def __init__(self, folder: Path, what: str):
+    def __init__(self, folder: Path, what: str, files: Iterable[Path] | None = None):
         self.folder = Path(folder)
         self.what = what
-        self.key_file: dict[str, Path] = {}
-        self.meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.files = [Path(f) for f in files] if files is not None else None
+        self.entries: dict[str, Entry] = {}
 
     def __enter__(self) -> "WeightReader":
-        files = sorted(self.folder.glob("*.safetensors"))
+        return self.open()
+
+    def open(self) -> "WeightReader":
+        """Read every header (also what entering the context does)."""
+        files = self.files if self.files is not None else sorted({f for g in SHARDS for f in self.folder.glob(g)})
         if not files:
             raise FlexoError(f"{self.what} {self.folder} holds no .safetensors weights: rerun the stage that writes it")
         for f in files:
             try:
-                with safe_open(str(f), framework="pt") as handle:
-                    entries = {k: (tuple(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype())
-                               for k in handle.keys()}
-            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                entries = read_header(f)
+            except (OSError, ValueError) as e:
                 raise FlexoError(f"{self.what}: {f} is not a readable safetensors file ({first_line(e)}): "
                                  "rerun the stage that writes it") from None
             for k in entries:
-                if k in self.key_file:
-                    raise FlexoError(f"{self.what}: tensor {k} is in both {self.key_file[k].name} and {f.name}: "
+                if k in self.entries:
+                    raise FlexoError(f"{self.what}: tensor {k} is in both {self.entries[k].path.name} and {f.name}: "
                                      "remove the stale shard and rerun the stage that writes it")
-                self.key_file[k] = f
-            self.meta.update(entries)
+            self.entries.update(entries)
         return self
 
     def __exit__(self, *exc) -> None:
         pass
 
     def keys(self) -> list[str]:
-        return list(self.key_file)
+        return list(self.entries)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.key_file
+        return key in self.entries
 
-    def _file(self, key: str) -> Path:
-        if key not in self.key_file:
+    def entry(self, key: str) -> Entry:
+        if key not in self.entries:
             raise FlexoError(f"{self.what} {self.folder} lacks tensor {key}: it is not a complete flexo model; "
                              "rerun the stage that writes it")
-        return self.key_file[key]
+        return self.entries[key]
 
-    def get(self, key: str, row: int | None = None) -> torch.Tensor:
-        path = self._file(key)
+    def get(self, key: str, row: int | None = None) -> np.ndarray:
+        e = self.entry(key)
         try:
-            return read_tensor(path, key, row)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            if row is None:
+                return read_bytes(e)
+            size = e.nbytes // e.shape[0]
+            return read_bytes(e, row * size, size)
+        except (OSError, ValueError) as err:
             what = key if row is None else f"{key}[{row}]"
-            raise FlexoError(f"{self.what}: cannot read {what} ({first_line(e)}): rerun the stage that writes it") from None
+            raise FlexoError(f"{self.what}: cannot read {what} ({first_line(err)}): rerun the stage that writes it") from None
 
-    def get_row(self, key: str, index: int) -> torch.Tensor:
+    def get_row(self, key: str, index: int) -> np.ndarray:
         return self.get(key, index)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        self._file(key)
-        return self.meta[key][0]
+        return self.entry(key).shape
 
     def dtype(self, key: str) -> str:
-        self._file(key)
-        return self.meta[key][1]
+        return self.entry(key).dtype
 
     def spec(self, key: str, name: str | None = None) -> TensorSpec:
         """`key` of this folder, to be written as `name` (default the same)."""
@@ -149,15 +260,14 @@ class WeightReader:
         else:  # the fused in-memory form [E, 2I, H] (gate rows first, then up) / [E, H, I]
             _, two_inter, hidden = self.shape(f"{p}gate_up_proj")
             dtype = self.dtype(f"{p}gate_up_proj")
+            gate_bytes = inter * hidden * DTYPE_BYTES[dtype]
             gate_up = partial(self.get_row, f"{p}gate_up_proj", expert)
-            yield TensorSpec(f"{out_prefix}gate_proj.weight", (inter, hidden), dtype,
-                             lambda: gate_up()[:inter].contiguous())
+            yield TensorSpec(f"{out_prefix}gate_proj.weight", (inter, hidden), dtype, lambda: gate_up()[:gate_bytes])
             yield TensorSpec(f"{out_prefix}up_proj.weight", (two_inter - inter, hidden), dtype,
-                             lambda: gate_up()[inter:].contiguous())
+                             lambda: gate_up()[gate_bytes:])
             down = self.shape(f"{p}down_proj")
             yield TensorSpec(f"{out_prefix}down_proj.weight", tuple(down[1:]), self.dtype(f"{p}down_proj"),
                              partial(self.get_row, f"{p}down_proj", expert))
-
 
 
 def is_moe_key(key: str) -> bool:
@@ -183,9 +293,9 @@ def shared_keys(reader: WeightReader) -> tuple[list[str], dict[int, list[str]], 
 class ShardWriter:
     """Writes tensors, given as `TensorSpec`s, into safetensors shards of at most `max_bytes` (a tensor
     larger than that gets a shard of its own), streaming: a shard's header is computed from the specs,
-    then each tensor is loaded, checked for NaN/Inf (a FlexoError naming where it came from) and appended,
-    so one tensor is in memory at a time. (safetensors' own `save_file` needs the whole shard in memory.)
-    `close` names the shards as transformers does: a single `model.safetensors`, or
+    then each tensor's bytes are loaded, checked for NaN/Inf (a FlexoError naming where they came from)
+    and appended, so one tensor is in memory at a time. (safetensors' own `save_file` needs the whole
+    shard in memory.) `close` names the shards as transformers does: a single `model.safetensors`, or
     `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`."""
 
     def __init__(self, folder: Path, max_bytes: int, *, what: str = "merge"):
@@ -214,16 +324,18 @@ class ShardWriter:
         for spec in specs:
             self.add(spec)
 
-    def _checked(self, spec: TensorSpec) -> torch.Tensor:
-        t = spec.load()
-        if TORCH_DTYPES.get(t.dtype) != spec.dtype or tuple(t.shape) != tuple(spec.shape):
-            raise RuntimeError(f"{spec.name}: read {t.dtype} {tuple(t.shape)}, planned {spec.dtype} {spec.shape}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            where = spec.origin or f"{self.what}: tensor {spec.name}"
-            raise FlexoError(f"{where} holds NaN or Inf: {spec.fix}")
-        if spec.check is not None:
-            spec.check(t)
-        return t.contiguous()
+    def _checked(self, spec: TensorSpec) -> np.ndarray:
+        raw = np.ascontiguousarray(spec.load()).reshape(-1).view(np.uint8)
+        if raw.size != spec.nbytes:
+            raise RuntimeError(f"{spec.name}: read {raw.size} bytes, planned {spec.dtype} {spec.shape} = {spec.nbytes}")
+        if spec.dtype in FLOATS:
+            values = float_values(raw, spec.dtype)
+            if not all_finite(values):
+                where = spec.origin or f"{self.what}: tensor {spec.name}"
+                raise FlexoError(f"{where} holds NaN or Inf: {spec.fix}")
+            if spec.check is not None:
+                spec.check(values)
+        return raw
 
     def flush(self) -> None:
         if not self._pending:
@@ -241,9 +353,7 @@ class ShardWriter:
             f.write(struct.pack("<Q", len(head)))
             f.write(head)
             for spec in self._pending:
-                t = self._checked(spec)
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-                del t
+                f.write(self._checked(spec).data)
         self._parts.append((path, [spec.name for spec in self._pending]))
         self._pending, self._pending_bytes = [], 0
 
@@ -277,11 +387,3 @@ def copy_support_files(src: Path, dst: Path) -> list[str]:
     if not {"tokenizer.json", "tokenizer_config.json"} & set(copied):
         raise FlexoError(f"{src} holds no tokenizer files: rerun the stage that wrote it (`flexo train-public`)")
     return copied
-
-
-def write_config(config: FlexOlmoConfig, folder: Path) -> None:
-    config.norm_topk_prob = False  # FlexOlmo gating; also what makes opt-out exact
-    config.architectures = ["FlexOlmoForCausalLM"]
-    config.save_pretrained(folder)
-
-

@@ -8,8 +8,9 @@ every layer. No training, no data: the merge reads only the public model folder 
 
 The manifests, shapes, dtypes, duplicate owners, top-k and exclusions are checked before a byte is
 written, each failure a one-line FlexoError. The weights are then streamed in one pass through
-`flexo.weights.ShardWriter` (one tensor in memory at a time; NaN/Inf and each owner tensor's scale
-checked on the way) while a second thread checks every package's sha256 and the public model's
+`flexo.weights.ShardWriter` as bytes (one tensor in memory at a time, never deserialised; NaN/Inf and
+each owner tensor's scale checked on the way through a numpy view; no torch or transformers import)
+while a second thread checks every package's sha256 and the public model's
 fingerprint; the output folder appears only when all of it passed. The pipeline's merge (default
 packages and output) then removes what owners withdrawn from params.yaml left (`flexo.owners`).
 
@@ -23,47 +24,46 @@ and a model card `README.md`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
-from safetensors import SafetensorError
-from transformers import FlexOlmoConfig
+import numpy as np
 
 from flexo import timings
-from flexo.errors import FlexoError, first_line
+from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir
 from flexo.layout import Layout
 from flexo.model_card import GUARANTEE_NOTE, write_model_card
-from flexo.modeling import (
-    MODEL_FILES, effective_top_k, fingerprint, load_config, read_meta, with_experts, write_meta,
+from flexo.model_files import (
+    MODEL_FILES, effective_top_k, read_config_json, read_meta, with_experts_json, write_config_json, write_meta,
 )
 from flexo.owners import prune_withdrawn, withdrawal_plan
-from flexo.package import ExpertPackage, package_shapes
+from flexo.package import ExpertPackage
 from flexo.params import PUBLIC, Params
 from flexo.project import stage_command
 from flexo.weights import (
-    FFN_PARTS, ShardWriter, TensorSpec, WeightReader, copy_support_files, read_tensor, shared_keys, write_config,
+    FFN_PARTS, ShardWriter, TensorSpec, WeightReader, all_finite, copy_support_files, fingerprint, float_values, rms,
+    shared_keys,
 )
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- the checks
-def _check_public(public: Path, *, verify: bool = True) -> tuple[FlexOlmoConfig, dict]:
+def _check_public(public: Path, *, verify: bool = True) -> tuple[dict, dict]:
     """Config and manifest of the public model; `verify` also recomputes its fingerprint (a full read)."""
     public = Path(public)
     if not (public / "config.json").is_file():
         raise FlexoError(f"public model {public} not found (no config.json): run `flexo train-public` first")
     meta = read_meta(public)
-    config = load_config(public)
-    if config.num_experts != 1:
+    config = read_config_json(public)
+    if config["num_experts"] != 1:
         raise FlexoError(f"{public} is not a public model (a 1-expert flex_olmo; it has "
-                         f"{config.num_experts} experts): pass the public model folder with --public")
+                         f"{config['num_experts']} experts): pass the public model folder with --public")
     if not isinstance(meta.get("fingerprint"), str) or not meta["fingerprint"]:
         raise FlexoError(f"public model {public}: flexo.json has no fingerprint string "
                          f"(got {meta.get('fingerprint')!r}): rerun `flexo train-public`")
@@ -75,8 +75,8 @@ def _check_public(public: Path, *, verify: bool = True) -> tuple[FlexOlmoConfig,
 def _verify_public(public: Path, meta: dict) -> None:
     try:
         actual = fingerprint(public)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FlexoError(f"public model {public}: weights unreadable ({first_line(e)}): rerun `flexo train-public`") from None
+    except FlexoError as e:
+        raise FlexoError(f"public model {public}: weights unreadable ({e}): rerun `flexo train-public`") from None
     if actual != meta["fingerprint"]:
         raise FlexoError(f"public model {public}: the weights' fingerprint {actual[:12]}… differs from flexo.json's "
                          f"{meta['fingerprint'][:12]}…: the public model changed after it was written; rerun "
@@ -91,26 +91,22 @@ def _verify_public(public: Path, meta: dict) -> None:
 SCALE_BOUND = 1e3
 
 
-def _rms(t: torch.Tensor) -> float:
-    return float(t.double().pow(2).mean().sqrt())
-
-
 def _record_rms(spec: TensorSpec, into: dict, key: str) -> TensorSpec:
-    def check(t: torch.Tensor) -> None:
-        into[key] = _rms(t)
+    def check(values: np.ndarray) -> None:
+        into[key] = rms(values)
     return replace(spec, check=check)
 
 
 def _bounded(spec: TensorSpec, reference: dict, key: str, where: str) -> TensorSpec:
-    def check(t: torch.Tensor) -> None:
-        ref = reference[key]
-        if _rms(t) > SCALE_BOUND * max(ref, 1e-12):
-            raise FlexoError(f"{where}: tensor {key} has RMS {_rms(t):.3g}, more than {SCALE_BOUND:g}x the public "
+    def check(values: np.ndarray) -> None:
+        ref, got = reference[key], rms(values)
+        if got > SCALE_BOUND * max(ref, 1e-12):
+            raise FlexoError(f"{where}: tensor {key} has RMS {got:.3g}, more than {SCALE_BOUND:g}x the public "
                              f"expert's {ref:.3g}: the package is broken or tampered with; retrain or re-export it")
     return replace(spec, check=check)
 
 
-def _merged_specs(pub: WeightReader, packages: list[ExpertPackage], config: FlexOlmoConfig, dtype: str
+def _merged_specs(pub: WeightReader, packages: list[tuple[ExpertPackage, WeightReader]], config: dict, dtype: str
                   ) -> Iterator[TensorSpec]:
     """The merged model's tensors in write order (layer after layer). Each owner tensor is checked,
     as it streams, for NaN/Inf and for a scale within SCALE_BOUND of the public expert's same tensor
@@ -118,43 +114,48 @@ def _merged_specs(pub: WeightReader, packages: list[ExpertPackage], config: Flex
     head, per_layer, tail = shared_keys(pub)
     for key in head:
         yield pub.spec(key)
-    inter, hidden = config.intermediate_size, config.hidden_size
-    shapes = package_shapes(config.num_hidden_layers, hidden, inter)
+    inter, hidden = config["intermediate_size"], config["hidden_size"]
     public_rms: dict[str, float] = {}
-    for i in range(config.num_hidden_layers):
+    for i in range(config["num_hidden_layers"]):
         for key in per_layer.get(i, []):
             yield pub.spec(key)
         p = f"model.layers.{i}.mlp."
         for part, spec in zip(FFN_PARTS, pub.expert_ffn(i, 0, inter, f"{p}experts.0.")):
             yield _record_rms(spec, public_rms, f"layers.{i}.{part}")
-        for e, package in enumerate(packages, start=1):
+        for e, (package, tensors) in enumerate(packages, start=1):
             for part in FFN_PARTS:
                 key = f"layers.{i}.{part}"
-                spec = TensorSpec(f"{p}experts.{e}.{part}.weight", shapes[key], dtype,
-                                  partial(read_tensor, package.tensors, key),
-                                  origin=f"{package.where}: tensor {key}", fix="retrain it")
+                spec = replace(tensors.spec(key, f"{p}experts.{e}.{part}.weight"),
+                               origin=f"{package.where}: tensor {key}", fix="retrain it")
                 yield _bounded(spec, public_rms, key, package.where)
-        yield TensorSpec(f"{p}gate.weight", (1 + len(packages), hidden), dtype,
-                         partial(_router_stack, pub, f"{p}gate.weight", packages, i))
+        gate = f"{p}gate.weight"
+        yield TensorSpec(gate, (1 + len(packages), hidden), dtype,
+                         lambda gate=gate, i=i: _router_stack(pub, gate, packages, i, dtype))
     for key in tail:
         yield pub.spec(key)
 
 
-def _router_stack(pub: WeightReader, key: str, packages: list[ExpertPackage], layer: int) -> torch.Tensor:
+def _norm(raw: np.ndarray, dtype: str) -> float:
+    values = float_values(raw, dtype)
+    return rms(values) * math.sqrt(values.size)
+
+
+def _router_stack(pub: WeightReader, key: str, packages: list[tuple[ExpertPackage, WeightReader]], layer: int,
+                  dtype: str) -> np.ndarray:
     """Row 0 = r_pub from the public model, row e = owner e's row, bit for bit."""
     r_pub = pub.get_row(key, 0)
     rows = [r_pub]
-    bound = SCALE_BOUND * max(float(r_pub.double().norm()), 1e-6)
-    for package in packages:
-        row = read_tensor(package.tensors, f"layers.{layer}.router")
-        if not torch.isfinite(row).all():
+    bound = SCALE_BOUND * max(_norm(r_pub, dtype), 1e-6)
+    for package, tensors in packages:
+        row = tensors.get(f"layers.{layer}.router")
+        if not all_finite(float_values(row, dtype)):
             raise FlexoError(f"{package.where}: tensor layers.{layer}.router holds NaN or Inf: retrain it")
-        norm = float(row.double().norm())
+        norm = _norm(row, dtype)
         if norm > bound:
             raise FlexoError(f"{package.where}: router row of layer {layer} has norm {norm:.3g}, more than "
                              f"{SCALE_BOUND:g}x r_pub's: it would take every token; retrain or re-export the package")
         rows.append(row)
-    return torch.stack(rows)
+    return np.concatenate(rows)
 
 
 def merged_model_guard(layout: Layout, inputs: Sequence[Path], *, user_out: bool) -> OutputGuard:
@@ -222,10 +223,10 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
         dtype = pub.dtype("model.layers.0.mlp.gate.weight")
 
     # 3. Every kept package: fingerprint, names, shapes, dtypes from its header (an excluded one is not read).
-    sizes = (config.num_hidden_layers, config.hidden_size, config.intermediate_size)
+    sizes = (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"])
     for package in kept:
         package.check(public_fingerprint=public_fp, sizes=sizes, dtype=dtype)
-    merged_config = with_experts(config, n_experts, top_k)
+    merged_config = with_experts_json(config, n_experts, top_k)
 
     # 4. Stream the weights into a temp folder (NaN/Inf and scale checked per tensor) while a second thread
     #    hashes the inputs; the folder becomes `out` only when both are done and every check passed.
@@ -236,13 +237,14 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
         writer = ShardWriter(tmp, params.merge.shard_bytes, what="merge")
         try:
             with WeightReader(public, "public model") as pub:
-                writer.add_all(_merged_specs(pub, kept, config, dtype))
+                sources = [(p, WeightReader(p.folder, p.where, files=[p.tensors]).open()) for p in kept]
+                writer.add_all(_merged_specs(pub, sources, config, dtype))
             written = writer.close()
-        except (FlexoError, SafetensorError, OSError, ValueError, RuntimeError):
+        except (FlexoError, OSError, ValueError, RuntimeError):
             _raise_first_failed(checks)  # a corrupt input explains a failed read better than the read does
             raise
         _raise_first_failed(checks)
-        write_config(merged_config, tmp)
+        write_config_json(merged_config, tmp)
         copy_support_files(public, tmp)
         meta = {
             "kind": "merged",

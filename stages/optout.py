@@ -22,46 +22,60 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
-from transformers import FlexOlmoConfig
+import numpy as np
 
 from flexo import timings
 from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir
 from flexo.layout import Layout
 from flexo.model_card import write_model_card
-from flexo.modeling import MODEL_FILES, effective_top_k, load_config, read_meta, with_experts, write_meta
+from flexo.model_files import (
+    MODEL_FILES, effective_top_k, needs_refit, read_config_json, read_meta, with_experts_json, write_config_json,
+    write_meta,
+)
 from flexo.params import PUBLIC
-from flexo.refit import keep_embedded, needs_refit, refitted_weights
 from flexo.project import Project
-from flexo.weights import ShardWriter, TensorSpec, WeightReader, copy_support_files, shared_keys, write_config
+from flexo.weights import ShardWriter, TensorSpec, WeightReader, copy_support_files, shared_keys
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 2_000_000_000
+_TORCH = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}  # router dtypes, as torch names
 
 
-def _opted_tensors(src: WeightReader, keep: list[int], config: FlexOlmoConfig,
-                   gates: list[torch.Tensor] | None = None) -> Iterator[TensorSpec]:
-    """The opted-out model's tensors in write order: kept experts renumbered 0..n-1; `gates` (per layer)
-    replaces the kept router rows (a refit)."""
+def _opted_tensors(src: WeightReader, keep: list[int], config: dict,
+                   gates: list[np.ndarray] | None = None) -> Iterator[TensorSpec]:
+    """The opted-out model's tensors in write order: kept experts renumbered 0..n-1; `gates` (per layer,
+    the bytes of the router in the model's dtype) replaces the kept router rows (a refit)."""
     head, per_layer, tail = shared_keys(src)
     for key in head:
         yield src.spec(key)
-    for i in range(config.num_hidden_layers):
+    for i in range(config["num_hidden_layers"]):
         for key in per_layer.get(i, []):
             yield src.spec(key)
         p = f"model.layers.{i}.mlp."
         for new, old in enumerate(keep):
-            yield from src.expert_ffn(i, old, config.intermediate_size, f"{p}experts.{new}.")
+            yield from src.expert_ffn(i, old, config["intermediate_size"], f"{p}experts.{new}.")
         gate = f"{p}gate.weight"
-        if gates is not None:
-            yield TensorSpec(gate, (len(keep), config.hidden_size), src.dtype(gate),
-                             lambda w=gates[i], dtype=src.get_row(gate, 0).dtype: w.to(dtype).contiguous())
-        else:
-            yield TensorSpec(gate, (len(keep), config.hidden_size), src.dtype(gate),
-                             lambda gate=gate: torch.stack([src.get_row(gate, old) for old in keep]))
+        rows = (lambda w=gates[i]: w) if gates is not None else \
+            (lambda gate=gate: np.concatenate([src.get_row(gate, old) for old in keep]))
+        yield TensorSpec(gate, (len(keep), config["hidden_size"]), src.dtype(gate), rows)
     for key in tail:
         yield src.spec(key)
+
+
+def _refitted_gates(model_dir: Path, meta: dict, names: list[str], num_layers: int) -> list[np.ndarray]:
+    """Each layer's router refitted without `names` (flexo.refit), as bytes in the model's router dtype."""
+    import torch
+
+    from flexo.refit import refitted_weights
+
+    with WeightReader(model_dir, "model") as src:
+        keys = [f"model.layers.{i}.mlp.gate.weight" for i in range(num_layers)]
+        dtypes = {src.dtype(k) for k in keys}
+        r_pub = [torch.frombuffer(bytearray(src.get_row(k, 0)), dtype=getattr(torch, _TORCH[src.dtype(k)])) for k in keys]
+    gates = refitted_weights(model_dir, meta, names, r_pub)
+    (dtype,) = dtypes
+    return [g.to(getattr(torch, _TORCH[dtype])).contiguous().view(-1).view(torch.uint8).numpy() for g in gates]
 
 
 def opt_out_guard(model_dir: Path, layout: Layout | None) -> OutputGuard:
@@ -87,11 +101,11 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
     guard.check(out)
     if not (model_dir / "config.json").is_file():
         raise FlexoError(f"{model_dir} is not a model folder (no config.json): pass a merged model with --model")
-    config = load_config(model_dir)
+    config = read_config_json(model_dir)
     src_meta = read_meta(model_dir)
     experts = list(src_meta.get("experts") or [])
-    if not experts or len(experts) != config.num_experts:
-        raise FlexoError(f"{model_dir}: flexo.json lists experts {experts} but the model has {config.num_experts}: "
+    if not experts or len(experts) != config["num_experts"]:
+        raise FlexoError(f"{model_dir}: flexo.json lists experts {experts} but the model has {config['num_experts']}: "
                          "it is not a flexo merged model; rerun `flexo merge`")
     names = list(dict.fromkeys(exclude))  # keep order, drop repeats
     if not names:
@@ -106,17 +120,16 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
     if len(keep) == 1:
         raise FlexoError(f"opting out every owner ({', '.join(names)}) would leave only the public expert: "
                          "use the public model (models/public) instead")
-    requested_top_k = src_meta.get("top_k_requested", config.num_experts_per_tok)
+    requested_top_k = src_meta.get("top_k_requested", config["num_experts_per_tok"])
     top_k = effective_top_k(requested_top_k, len(keep), "opt-out")
-    new_config = with_experts(config, len(keep), top_k)
+    new_config = with_experts_json(config, len(keep), top_k)
 
     guarantee = src_meta.get("opt_out_guarantee")
     warning, gates = None, None
     if needs_refit(src_meta):
-        # The router rows were fitted from every owner's statistics: refit them without the excluded ones.
-        with WeightReader(model_dir, "model") as src:
-            r_pub = [src.get_row(f"model.layers.{i}.mlp.gate.weight", 0) for i in range(config.num_hidden_layers)]
-        gates = refitted_weights(model_dir, src_meta, names, r_pub)
+        # The router rows were fitted from every owner's statistics: refit them without the excluded ones
+        # (the one opt-out that computes, so the one that loads torch).
+        gates = _refitted_gates(model_dir, src_meta, names, config["num_hidden_layers"])
         log.info("opt-out of %s refits its router rows without %s (as merge + router-tune without them)",
                  model_dir, names)
     elif guarantee != "instant":
@@ -131,9 +144,11 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
         with WeightReader(model_dir, "model") as src:
             writer.add_all(_opted_tensors(src, keep, config, gates))
         written = writer.close()
-        write_config(new_config, tmp)
+        write_config_json(new_config, tmp)
         copy_support_files(model_dir, tmp)
         if gates is not None:
+            from flexo.refit import keep_embedded
+
             keep_embedded(model_dir, tmp, names)
         meta = dict(src_meta)
         meta.update({

@@ -40,6 +40,34 @@ def test_help_lists_every_stage(capsys):
     assert "--root" in out and "--params" in out
 
 
+def test_each_subcommand_is_mapped_to_the_module_that_declares_it():
+    assert {name: stage for stage in cli.STAGES for name in subcommands(stage)} == cli.COMMANDS
+    assert cli.command_module(["--root", "merge", "--params", "p.yaml", "opt-out", "--model", "m"]) == "optout"
+    assert cli.command_module(["-v", "--help"]) is None and cli.command_module(["frobnicate"]) is None
+
+
+def test_merge_and_opt_out_run_without_importing_torch(ctx, tmp_path):
+    """The weight-moving commands import only their own stage module, and it moves bytes: neither torch
+    nor transformers is loaded (a fresh interpreter running the real commands, as users run them)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    _, layout = ctx
+    probe = ("import sys\nfrom flexo import cli\nrc = cli.main(sys.argv[1:])\n"
+             "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))\nsys.exit(rc)")
+    runs = (["merge", "--out", str(tmp_path / "m")],
+            ["opt-out", "--model", str(tmp_path / "m"), "--exclude", "alpha", "--out", str(tmp_path / "o")])
+    for argv in runs:
+        r = subprocess.run([sys.executable, "-c", probe, "--root", str(layout.root), *argv], capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.returncode == 0, r.stderr[-800:]
+        assert "HEAVY []" in r.stdout, (argv, r.stdout[-300:])
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
 def test_an_unknown_subcommand_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["frobnicate"])

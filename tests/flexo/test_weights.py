@@ -1,6 +1,7 @@
 """flexo.weights: `ShardWriter` writes bounded shards tensor by tensor (transformers' names and index,
-NaN/Inf refused naming the tensor's origin), `WeightReader` reads one tensor or one row at a time from
-one or many shards (per-expert or fused expert form), and the merge built on them streams."""
+NaN/Inf refused naming the tensor's origin), `WeightReader` reads one tensor's or one row's bytes at a
+time from one or many shards (per-expert or fused expert form), the fingerprint equals the one computed
+from torch tensors, and the merge built on them streams."""
 
 from __future__ import annotations
 
@@ -14,12 +15,19 @@ from safetensors.torch import load_file, save_file
 
 from conftest import all_tensors
 from flexo.errors import FlexoError
-from flexo.weights import INDEX, SINGLE, TORCH_DTYPES, ShardWriter, TensorSpec, WeightReader
+from flexo.weights import INDEX, SINGLE, ShardWriter, TensorSpec, WeightReader, fingerprint
 from stages.merge import merge
+
+TORCH_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def raw(t: torch.Tensor):
+    """A tensor's bytes, as the reader returns them and the writer takes them."""
+    return t.contiguous().view(-1).view(torch.uint8).numpy()
 
 
 def spec(name: str, t: torch.Tensor, **kw) -> TensorSpec:
-    return TensorSpec(name, tuple(t.shape), TORCH_DTYPES[t.dtype], lambda: t, **kw)
+    return TensorSpec(name, tuple(t.shape), TORCH_DTYPES[t.dtype], lambda: raw(t), **kw)
 
 
 @pytest.fixture
@@ -74,9 +82,42 @@ def test_a_name_written_twice_or_a_wrong_plan_is_a_bug(tmp_path, tensors):
     writer.add(spec("a", tensors["a"]))
     with pytest.raises(RuntimeError, match="written twice"):
         writer.add(spec("a", tensors["a"]))
-    writer.add(TensorSpec("c", (4, 16), "F32", lambda: tensors["c"]))  # planned transposed
-    with pytest.raises(RuntimeError, match="planned F32"):
+    writer.add(TensorSpec("c", (4, 8), "F32", lambda: raw(tensors["c"])))  # planned half its size
+    with pytest.raises(RuntimeError, match=r"read 256 bytes, planned F32 \(4, 8\) = 128"):
         writer.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nan_and_inf_are_found_in_half_precision_bytes_too(tmp_path, dtype):
+    for i, value in enumerate([float("nan"), float("-inf")]):
+        t = torch.ones(3, 5, dtype=dtype)
+        t[2, 4] = value
+        writer = ShardWriter(tmp_path / str(i), max_bytes=10_000)
+        (tmp_path / str(i)).mkdir()
+        writer.add(spec("w", t))
+        with pytest.raises(FlexoError, match="tensor w holds NaN or Inf"):
+            writer.close()
+    writer = ShardWriter(tmp_path / "ok", max_bytes=10_000)
+    (tmp_path / "ok").mkdir()
+    writer.add(spec("w", torch.full((3, 5), 6.0e4 if dtype == torch.float16 else 3.0e38, dtype=dtype)))  # large, finite
+    writer.close()
+
+
+def test_the_fingerprint_is_the_one_computed_from_torch_tensors(tmp_path, tensors):
+    """The byte-level fingerprint equals flexo's first, torch-based definition (name|torch dtype|shape|bytes
+    in name order), so models fingerprinted before keep their fingerprint."""
+    import hashlib
+
+    folder = _two_shards(tmp_path / "m", tensors)
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    assert fingerprint(folder) == h.hexdigest()
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"\x08\x00\x00\x00")
+    with pytest.raises(FlexoError, match="model-00002-of-00002.safetensors is not a readable safetensors file"):
+        fingerprint(folder)
 
 
 # ----------------------------------------------------------------------------------------- WeightReader
@@ -91,10 +132,10 @@ def test_reader_reads_tensors_rows_shapes_and_dtypes_across_shards(tmp_path, ten
     with WeightReader(_two_shards(tmp_path / "m", tensors), "public model") as r:
         assert sorted(r.keys()) == ["a", "b", "c"] and "c" in r and "d" not in r
         assert r.shape("c") == (16, 4) and r.dtype("b") == "BF16" and r.dtype("a") == "F32"
-        assert torch.equal(r.get("c"), tensors["c"]) and torch.equal(r.get_row("a", 2), tensors["a"][2])
+        assert bytes(r.get("c")) == bytes(raw(tensors["c"])) and bytes(r.get_row("a", 2)) == bytes(raw(tensors["a"][2]))
         s = r.spec("c", "renamed")
         assert (s.name, s.shape, s.dtype, s.nbytes) == ("renamed", (16, 4), "F32", 256)
-        assert torch.equal(s.load(), tensors["c"])
+        assert bytes(s.load()) == bytes(raw(tensors["c"]))
         with pytest.raises(FlexoError, match="public model .* lacks tensor d: it is not a complete flexo model"):
             r.get("d")
 
@@ -103,11 +144,20 @@ def test_reader_refusals(tmp_path, tensors):
     with pytest.raises(FlexoError, match="holds no .safetensors weights"):
         WeightReader(tmp_path, "merged model").__enter__()
     folder = _two_shards(tmp_path / "dup", tensors)
-    save_file({"c": tensors["c"]}, str(folder / "stale.safetensors"))
-    with pytest.raises(FlexoError, match="tensor c is in both model-00002-of-00002.safetensors and stale.safetensors"):
+    save_file({"fit/mean": tensors["a"]}, str(folder / "router_stats.safetensors"))  # not a weight shard: not read
+    with WeightReader(folder, "merged model") as r:
+        assert sorted(r.keys()) == ["a", "b", "c"]
+    save_file({"c": tensors["c"]}, str(folder / "model.safetensors"))
+    with pytest.raises(FlexoError, match="tensor c is in both model-00002-of-00002.safetensors and model.safetensors"):
         WeightReader(folder, "merged model").__enter__()
-    (folder / "stale.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
-    with pytest.raises(FlexoError, match="stale.safetensors is not a readable safetensors file"):
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(FlexoError, match="model.safetensors is not a readable safetensors file"):
+        WeightReader(folder, "merged model").__enter__()
+    (folder / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    (folder / "model-00002-of-00002.safetensors").write_bytes(
+        (folder / "model-00002-of-00002.safetensors").read_bytes()[:-8])  # truncated: the header names bytes it lacks
+    with pytest.raises(FlexoError, match=r"model-00002-of-00002.safetensors is not a readable safetensors file "
+                                         r"\(tensor c: F32 \[16, 4\] does not fit bytes"):
         WeightReader(folder, "merged model").__enter__()
 
 
@@ -131,56 +181,28 @@ def test_expert_ffn_reads_the_per_expert_and_the_fused_form_alike(tmp_path):
         assert [s.name for s in specs] == ["out.gate_proj.weight", "out.up_proj.weight", "out.down_proj.weight"]
         for s, part in zip(specs, ("gate_proj", "up_proj", "down_proj")):
             assert s.shape == tuple(parts[1][part].shape), (form, part)
-            assert torch.equal(s.load(), parts[1][part]), (form, part)
+            assert bytes(s.load()) == bytes(raw(parts[1][part])), (form, part)
 
 
 # ------------------------------------------------------------------------------------ streaming merge
 def test_merge_streams_one_layer_at_a_time(ctx, tmp_path, monkeypatch):
-    """Every tensor read through safe_open is tracked until it is freed: the merge never holds more than
-    one shard (here sized to one layer) plus one layer's tensors, far less than the whole model."""
+    """Every tensor's bytes read from a file are tracked until they are freed: the merge never holds more
+    than one shard (here sized to one layer) plus one layer's tensors, far less than the whole model."""
     params, layout = ctx
     live = {"bytes": 0, "peak": 0}
-
-    def track(t: torch.Tensor) -> torch.Tensor:
-        n = t.numel() * t.element_size()
-        live["bytes"] += n
-        live["peak"] = max(live["peak"], live["bytes"])
-        weakref.finalize(t, lambda: live.__setitem__("bytes", live["bytes"] - n))
-        return t
-
-    class Slice:
-        def __init__(self, s):
-            self.s = s
-
-        def __getitem__(self, idx):
-            return track(self.s[idx])
-
-        def __getattr__(self, name):
-            return getattr(self.s, name)
-
-    class Handle:
-        def __init__(self, h):
-            self.h = h
-
-        def get_tensor(self, key):
-            return track(self.h.get_tensor(key))
-
-        def get_slice(self, key):
-            return Slice(self.h.get_slice(key))
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def __getattr__(self, name):
-            return getattr(self.h, name)
-
     import flexo.weights as weights_mod
 
-    real_open = weights_mod.safe_open
-    monkeypatch.setattr(weights_mod, "safe_open", lambda *a, **k: Handle(real_open(*a, **k)))
+    real_read = weights_mod.read_bytes
+
+    def tracked_read(*a, **k):
+        arr = real_read(*a, **k)
+        n = arr.nbytes
+        live["bytes"] += n
+        live["peak"] = max(live["peak"], live["bytes"])
+        weakref.finalize(arr, lambda: live.__setitem__("bytes", live["bytes"] - n))
+        return arr
+
+    monkeypatch.setattr(weights_mod, "read_bytes", tracked_read)
 
     with WeightReader(layout.public_model, "public") as pub:
         shared = sum(pub.get(k).nbytes for k in pub.keys() if k.startswith("model.layers.0."))
@@ -192,6 +214,10 @@ def test_merge_streams_one_layer_at_a_time(ctx, tmp_path, monkeypatch):
     live.update(bytes=0, peak=0)
     merge(small, layout, out=tmp_path / "streamed")
     assert len(list((tmp_path / "streamed").glob("model-*-of-*.safetensors"))) >= 3, "one shard per layer"
-    # Streamed tensor by tensor: never a whole shard (= one layer here) in memory, let alone the model.
-    assert live["peak"] < layer_bytes, (live, layer_bytes)
-    assert live["peak"] < total * 0.25, (live, total)
+    # Streamed tensor by tensor: one tensor being written and one being hashed by the verifying thread at
+    # most, never a whole shard (= one layer here), let alone the model.
+    with WeightReader(layout.public_model, "public") as pub:
+        largest = max(pub.entry(k).nbytes for k in pub.keys())
+    assert live["peak"] <= 2 * largest, (live, largest)
+    assert live["peak"] < layer_bytes + largest, (live, layer_bytes)
+    assert live["peak"] < total * 0.5, (live, total)

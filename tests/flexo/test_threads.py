@@ -37,7 +37,7 @@ def test_a_cli_stage_that_changes_the_count_leaves_it_as_found(monkeypatch, tmp_
 def _parser_running(fn):
     import argparse
 
-    def build():
+    def build(modules=None):
         p = argparse.ArgumentParser()
         p.add_argument("--root", default=".")
         p.add_argument("-v", "--verbose", action="store_true")

@@ -1,0 +1,74 @@
+"""The byte-level merge and opt-out (flexo/weights.py: no torch, no deserialising) write the same bytes as
+the torch-based ones they replaced: every file of the merged model (one shard and several), of a plain
+opt-out and of an opt-out of the router-tuned model (router refit), compared with the code at BEFORE run
+on the same inputs."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from conftest import REPO, copy_project, run_cli, tree
+
+BEFORE = "b6dd0bd"  # the last commit whose merge and opt-out went through torch and transformers
+
+
+def _old_code(dst):
+    """flexo/ and stages/ as they were at BEFORE (from the repository's own history)."""
+    try:
+        data = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", BEFORE, "flexo", "stages"],
+                              capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"the history at {BEFORE} is not in this checkout ({e}): a shallow clone cannot run this test")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(dst, filter="data")
+    return dst
+
+
+CLI = "import sys; from flexo.cli import main; sys.exit(main(sys.argv[1:]))"
+# The merge in shards of 100 kB (params.yaml allows no less than 1 MB, more than the tiny model): several
+# files and an index.
+SHARDED = ("import sys; from flexo.layout import Layout; from flexo.params import load_params; "
+           "from stages.merge import merge; layout = Layout.at(sys.argv[1]); params = load_params(layout.params); "
+           "params.merge.shard_bytes = 100_000; merge(params, layout, out=sys.argv[2])")
+
+
+def _run(code, program, *argv):
+    r = subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(code)})
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
+def test_merge_and_opt_out_write_the_bytes_the_torch_based_code_wrote(tiny_project, tmp_path):
+    project = copy_project(tiny_project, tmp_path / "p")
+    root = project.root
+    old = _old_code(tmp_path / "old")
+    runs = {
+        "merge": (CLI, "--root", str(root), "merge", "--out", "{out}"),
+        "merge-sharded": (SHARDED, str(root), "{out}"),
+        "opt-out": (CLI, "--root", str(root), "opt-out", "--model", str(root / "models" / "merged"), "--exclude",
+                    "alpha", "--out", "{out}"),
+        "opt-out-rt": (CLI, "--root", str(root), "opt-out", "--model", str(root / "models" / "merged-rt"),
+                       "--exclude", "beta", "--out", "{out}"),
+    }
+    # The inputs: the pipeline's merged and router-tuned models.
+    for argv in (["merge"], ["router-update", "--owner", "alpha"], ["router-update", "--owner", "beta"],
+                 ["router-tune"]):
+        r = run_cli(["--root", str(root), *argv])
+        assert r.rc == 0, r.err
+    for name, (program, *argv) in runs.items():
+        outs = {}
+        for who, code in (("old", old), ("new", REPO)):
+            out = tmp_path / f"{name}-{who}"
+            _run(code, program, *[a.replace("{out}", str(out)) for a in argv])
+            outs[who] = tree(out)
+        assert outs["old"] == outs["new"], name
+        if name == "merge-sharded":
+            assert "model.safetensors.index.json" in outs["new"] and len(outs["new"]) > 8, outs["new"]
+    shutil.rmtree(old)
