@@ -113,7 +113,7 @@ class Owner:
         # The fields of the stage's manifest that the centre reads (read_update).
         write_json(out.with_suffix(".json"), {"owner": self.name, "method": "federated", "rank": rank,
                                               "public_fingerprint": self.public_fingerprint,
-                                              "dp": privacy.record(self.documents) if privacy else None})
+                                              "dp": privacy.record() if privacy else None})
         return out.stat().st_size
 
 
@@ -212,7 +212,7 @@ def configuration(eps: float, rank: int, people: list[Owner], public, clip, secr
         # calibrate() needs δ below 1/documents: the smallest owner decides (all owners have the same here).
         sigma = calibrate(eps, rt.dp_delta, min(p.documents for p in people))
         privacy = Privacy(eps, rt.dp_delta, clip, params.model.max_seq_len, sigma)
-        row.update(noise_multiplier=round(sigma, 6), noise_std=round(sigma * math.sqrt(2 * layers + 1), 6),
+        row.update(noise_multiplier=round(sigma, 6), noise_std=round(sigma * REPLACE_ONE * math.sqrt(2 * layers + 1), 6),
                    achieved_epsilon=round(achieved_epsilon(sigma, rt.dp_delta), 6))
     row["bytes"] = {p.name: p.ship(rank, privacy, secret, shipped) for p in people}
     try:

@@ -12,7 +12,11 @@ mean and the covariance of the hidden states the routers see — numbers, never 
   their outer products and the token count are added up; Gaussian noise is added to every coordinate of
   those sums, with the noise multiplier that Google's `dp_accounting` (its RDP accountant) calibrates to
   the target (ε, δ) for one Gaussian release whose L2 sensitivity to adding or removing one document is
-  known from the clipping. Mean and covariance are computed from the noisy sums (post-processing). The
+  known from the clipping. Only the first `router_tune.stats_documents` documents are summarised, so
+  removing one of them brings the next one in: the sensitivity is that of replacing one document, twice
+  that of adding one, and it is used whatever the number of documents (using it only above the cap would
+  tell the centre which side of the cap the owner is). The exact document count is not shipped under DP
+  (only the noisy token count). Mean and covariance are computed from the noisy sums (post-processing). The
   noise is drawn from a generator keyed by a secret that never leaves the owner's machine
   (`.cache/dp-secret`), so a rerun on that machine gives the same bytes and nobody else can subtract it.
 - **A low-rank form** (`router_tune.stats_rank` = r > 0): the top-r eigenpairs of the covariance plus the
@@ -47,8 +51,11 @@ from flexo.tokenization import eos_documents, padded_batch
 # Fewer tokens than this (or than TOKENS_PER_DIM per dimension the statistics describe: h for the full
 # covariance, r for rank r) and a mean/covariance would say too much about too little text.
 MIN_TOKENS = 2048
+REPLACE_ONE = 2  # the sensitivity of replacing one document over that of adding one (see the module docstring)
 TOKENS_PER_DIM = 8
-ACCOUNTANT = "dp_accounting 0.6 RdpAccountant, one GaussianDpEvent (add/remove-one-document adjacency)"
+ACCOUNTANT = ("dp_accounting 0.6 RdpAccountant, one GaussianDpEvent (add/remove-one-document adjacency; the "
+              "noise is scaled to the sensitivity of replacing one document, since a removal brings the next "
+              "document in under the stats_documents cap)")
 
 
 def min_tokens(hidden: int, rank: int) -> int:
@@ -104,10 +111,10 @@ class Privacy:
     max_tokens: int
     noise_multiplier: float
 
-    def record(self, documents: int) -> dict:
+    def record(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": round(self.noise_multiplier, 6),
                 "clip_norms": [round(c, 6) for c in self.clip], "max_tokens_per_document": self.max_tokens,
-                "documents": documents, "unit": "one document", "accountant": ACCOUNTANT,
+                "unit": "one document", "accountant": ACCOUNTANT,
                 "mechanism": "Gaussian noise on the sums of per-token-clipped router inputs, of their outer "
                              "products and of the token count, per document at most max_tokens_per_document "
                              "tokens; mean and covariance computed from the noisy sums"}
@@ -165,9 +172,9 @@ def summarize(features: list[torch.Tensor], doc_index: torch.Tensor, *, rank: in
     generator = _secret_generator(secret, what) if privacy else None
     if privacy:
         # One Gaussian release of every layer's normalised sums: each document changes them by at most 1
-        # per layer and part (first moment, second moment) and the count by at most 1 -> sensitivity
-        # sqrt(2L + 1) for L layers.
-        sensitivity = math.sqrt(2 * len(features) + 1)
+        # per layer and part (first moment, second moment) and the count by at most 1 -> sqrt(2L + 1) for L
+        # layers; twice that, since removing one of the first stats_documents documents brings the next in.
+        sensitivity = REPLACE_ONE * math.sqrt(2 * len(features) + 1)
         std = privacy.noise_multiplier * sensitivity
         tokens = tokens / privacy.max_tokens + std * float(torch.randn(1, generator=generator, dtype=torch.float64))
         tokens = max(tokens * privacy.max_tokens, 1.0)
@@ -198,7 +205,8 @@ def summarize(features: list[torch.Tensor], doc_index: torch.Tensor, *, rank: in
         else:
             out[f"layers.{layer}.cov"] = ((vectors * values) @ vectors.T).float().contiguous()
     out["tokens"] = torch.tensor([int(round(tokens))], dtype=torch.long)
-    out["documents"] = torch.tensor([documents], dtype=torch.long)
+    if not privacy:  # the exact count is not private: under DP only the noisy token count ships
+        out["documents"] = torch.tensor([documents], dtype=torch.long)
     return out
 
 

@@ -79,11 +79,13 @@ def router_update(owner: str, params: Params, layout: Layout) -> dict:
     data_sha = curated_manifest(layout, owner)["splits"]["train"]["sha256"]
     stats = summarize(features, doc_index, rank=rt.stats_rank, privacy=privacy, secret=secret,
                       what=f"{owner}:{data_sha}:{package.tensors_sha256}")
-    info.update({"tokens": int(stats["tokens"]), "documents": documents, "layers": len(gates(model)),
+    info.update({"tokens": int(stats["tokens"]), "layers": len(gates(model)),
+                 # Under DP the exact document count is not shipped (flexo/router_stats.py).
+                 "documents": documents if privacy is None else None,
                  "public_fingerprint": package.public_fingerprint, "rank": rt.stats_rank,
                  "numbers_shipped": shipped_numbers(stats),
-                 "dp": privacy.record(documents) | {"epsilon": round(achieved_epsilon(privacy.noise_multiplier,
-                                                                                        rt.dp_delta), 6)}
+                 "dp": privacy.record() | {"epsilon": round(achieved_epsilon(privacy.noise_multiplier,
+                                                                              rt.dp_delta), 6)}
                  if privacy else None})
     with atomic_path(out) as tmp:
         save_file(stats, str(tmp), metadata={"format": "flexo-router-stats-v2"})

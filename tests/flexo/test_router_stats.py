@@ -105,3 +105,22 @@ def test_dp_noise_shrinks_with_the_budget_and_comes_from_the_secret():
         assert not torch.equal(noisy["layers.0.mean"], other["layers.0.mean"])  # unpredictable without it
         errors[eps] = float((noisy["layers.0.mean"] - exact["layers.0.mean"]).norm())
     assert errors[8.0] < errors[0.5]
+
+
+def test_dp_noise_is_scaled_to_replacing_one_document_and_the_count_is_not_shipped():
+    """The first stats_documents documents are summarised, so removing one brings the next in: the noise is
+    σ × 2√(2L + 1) (checked on the token count, the first draw of the owner's keyed generator), and the exact
+    document count, which a neighbouring dataset changes, is not in what ships."""
+    import math
+
+    from flexo.router_stats import REPLACE_ONE, Privacy, _secret_generator, calibrate, summarize
+
+    g = torch.Generator().manual_seed(3)
+    features = [torch.randn(6000, HIDDEN, generator=g) for _ in range(LAYERS)]
+    docs = torch.arange(6000) // 60
+    sigma = calibrate(2.0, 1e-5, 100)
+    noisy = summarize(features, docs, privacy=Privacy(2.0, 1e-5, [4.0] * LAYERS, 60, sigma), secret=b"s", what="a")
+    z = float(torch.randn(1, generator=_secret_generator(b"s", "a"), dtype=torch.float64))
+    assert REPLACE_ONE == 2
+    assert int(noisy["tokens"]) == round((6000 / 60 + sigma * 2 * math.sqrt(2 * LAYERS + 1) * z) * 60)
+    assert "documents" not in noisy and int(summarize(features, docs)["documents"]) == 100
