@@ -24,14 +24,17 @@ from flexo.errors import FlexoError
 from flexo.model_files import needs_refit  # noqa: F401 (re-exported: read without torch by the opt-out)
 from flexo.params import PUBLIC
 from flexo.router_fit import fit_router
-from flexo.router_stats import embedded_path
+from flexo.router_stats import dense, embedded_path
+from flexo.threads import torch_threads
 
 FIT_KEYS = ("samples_per_class", "steps", "lr", "l2", "seed")
 REFITS = "router_refits.safetensors"  # each single owner's opt-out refit, precomputed by router-tune
 
 
 def embed_stats(folder: Path, stats: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Keep the fit's inputs (class name → statistics, public first) inside a tuned model folder."""
+    """Keep the fit's inputs (class name → statistics, public first) inside a tuned model folder, each in
+    the form it arrived in: an owner's rank-r statistics stay rank r (r·h numbers a layer, not h²), and
+    :func:`read_embedded` expands them exactly as router-tune did before fitting."""
     flat = {f"{name}/{key}": t.contiguous() for name, s in stats.items() for key, t in s.items()}
     # One metadata key: safetensors writes a metadata map of several keys in a random order, so the file's
     # bytes (and its DVC hash) would differ from run to run.
@@ -39,7 +42,9 @@ def embed_stats(folder: Path, stats: dict[str, dict[str, torch.Tensor]]) -> None
     save_file(flat, str(embedded_path(folder)), metadata={"flexo": header})
 
 
-def read_embedded(model_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+def read_embedded(model_dir: Path, *, expand: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """The fit inputs kept in a tuned model folder; `expand`: every covariance dense, as the fit reads them
+    (on one thread, as router-tune expands them, so a refit sees the same bits)."""
     path = embedded_path(model_dir)
     try:
         flat = load_file(str(path))
@@ -57,7 +62,10 @@ def read_embedded(model_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
         if name not in out:
             raise FlexoError(f"{path} holds statistics of {name!r}, not in its class list {classes}: rerun `flexo router-tune`")
         out[name][rest] = t
-    return out
+    if not expand:
+        return out
+    with torch_threads(1):
+        return {name: dense(s, sum(k.endswith(".mean") for k in s)) for name, s in out.items()}
 
 
 def refitted_weights(model_dir: Path, meta: dict, exclude: Sequence[str], r_pub: list[torch.Tensor]
@@ -119,5 +127,5 @@ def read_refit(model_dir: Path, owner: str, num_layers: int) -> list[torch.Tenso
 
 def keep_embedded(src: Path, dst: Path, exclude: Sequence[str]) -> None:
     """The fit inputs of an opted-out copy: the source's, without the excluded owners' statistics."""
-    stats = read_embedded(src)
+    stats = read_embedded(src, expand=False)
     embed_stats(dst, {name: s for name, s in stats.items() if name == PUBLIC or name not in set(exclude)})

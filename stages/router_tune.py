@@ -266,7 +266,9 @@ def _fit_federated(params: Params, layout: Layout) -> dict:
     with atomic_dir(layout.merged_rt, tuned_model_guard()) as tmp:
         model.save_pretrained(tmp, max_shard_size=params.merge.shard_bytes)
         copy_support_files(layout.merged, tmp)
-        embed_stats(tmp, dict(zip([PUBLIC, *owners], stats)))  # what an exact opt-out refits from
+        # What an exact opt-out refits from: the public class and each owner's statistics as shipped.
+        shipped = [load_file(str(layout.router_update(o))) for o in owners]
+        embed_stats(tmp, dict(zip([PUBLIC, *owners], [public, *shipped])))
         store_refits(tmp, dict(zip([PUBLIC, *owners], stats)), [PUBLIC, *owners],
                      {"samples_per_class": rt.fit_samples, "steps": rt.fit_steps, "lr": rt.fit_lr, "l2": rt.fit_l2,
                       "seed": rt.seed}, [g.weight[0].detach().clone() for g in gates(model)])

@@ -173,6 +173,13 @@ def test_private_low_rank_statistics_ship_r_times_h_and_state_their_budget(proje
     router_update("beta", params, layout)
     meta = router_tune(params, layout)  # the centre fits from them, and records each owner's budget
     assert meta["router_tune"]["statistics"]["alpha"]["dp"]["epsilon"] == pytest.approx(1.0, rel=1e-3)
+    # The tuned model keeps them as shipped (rank r, not expanded to h×h), and expands them as the fit did.
+    from flexo.refit import read_embedded
+    from flexo.router_stats import dense
+
+    kept = read_embedded(layout.merged_rt, expand=False)
+    assert torch.equal(kept["alpha"]["layers.0.eigvecs"], stats["layers.0.eigvecs"]) and "layers.0.cov" not in kept["alpha"]
+    assert torch.equal(read_embedded(layout.merged_rt)["alpha"]["layers.0.cov"], dense(stats, params.model.num_layers)["layers.0.cov"])
 
 
 @pytest.mark.parametrize("edit, words", [
