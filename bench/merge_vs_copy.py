@@ -110,7 +110,9 @@ def main() -> None:
                "--out", str(a.out / "merged")]
         subprocess.run(["sync"])
         t0 = time.time()
-        r, rss = peak_rss_bytes(cmd, env=env)
+        # From the code's own folder: `python -m` puts the working directory first on sys.path, so run from
+        # this checkout the "before" merge would import this checkout's flexo whatever PYTHONPATH says.
+        r, rss = peak_rss_bytes(cmd, env=env, cwd=str(code_root or ROOT))
         subprocess.run(["sync"])  # timed like cp below: until the bytes are on disk, not just in the page cache
         wall = time.time() - t0
         if r.returncode:

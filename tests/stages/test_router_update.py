@@ -120,6 +120,13 @@ def test_opt_out_of_the_default_model_equals_merge_without_and_refit(project, tm
                  "--out", str(tmp_path / "no-beta")])
     assert r.rc == 0, r.err
     assert read_meta(tmp_path / "no-beta")["refitted_without"] == ["beta"]
+    # Nothing of beta's is left in the opted-out model: not in its weights (only model tensors there), not
+    # in the statistics it keeps for later refits.
+    from flexo.refit import read_embedded
+    from flexo.weights import read_header
+
+    assert not [k for k in read_header(tmp_path / "no-beta" / "model.safetensors") if not k.startswith(("model.", "lm_head."))]
+    assert list(read_embedded(tmp_path / "no-beta", expand=False)) == ["public", "alpha"]
     # the reference: beta withdrawn, merge and router-tune rerun from scratch in a copy of the project
     ref = tmp_path / "ref"
     shutil.copytree(layout.root, ref)
