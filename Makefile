@@ -53,7 +53,7 @@ bench: dvc-init
 	dvc repro train_public embed@code
 	$(BIN)/python bench/run.py --before $(BENCH_BEFORE)
 
-# How flexo's costs grow with the owners: 4, 16 and 64 synthetic owners from the demo's artifacts (bench/growth.py; ~15 min, after `make demo`).
+# How flexo's costs grow with the owners: 4, 16 and 64 synthetic owners from the demo's artifacts (bench/growth.py; ~10 min, after `make demo`).
 bench-growth: install
 	$(BIN)/python bench/growth.py
 

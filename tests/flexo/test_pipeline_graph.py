@@ -37,6 +37,10 @@ def test_upstream_downstream_and_owner_of(graph):
     assert graph.upstream("pub") == set() and graph.upstream("unknown") == set()
     assert graph.downstream("curate@b") == {"train@b", "merge", "audit@a", "tune", "eval"}
     assert graph.downstream("eval") == set()
+    # of a set, in one walk: the union of each one's, the same as asking every stage for its upstream
+    for changed in (["curate@a", "curate@b"], ["train@b", "tune"], ["pub"], []):
+        want = {s for s in graph.order if any(c in graph.upstream(s) for c in changed)}
+        assert graph.downstream_of(changed) == want == set().union(*(graph.downstream(c) for c in changed))
     assert (StageGraph.owner_of("audit@a"), StageGraph.owner_of("merge")) == ("a", None)
     assert StageGraph.owner_of("x@y@z") == "y@z"
 
