@@ -858,6 +858,12 @@ def make_notes(report: dict) -> list[str]:
                      f"at 64 hours: the estimate above); at {skipped} it is estimated from the fit profile. The reduced "
                      f"fit (fit_samples {ff['fit_samples']}, fit_steps {ff['fit_steps']}) runs at every scale so that "
                      "models/merged-rt exists for the opt-out figure.")
+    for e in report.get("default_fit_elsewhere", []):
+        notes.append(f"router-tune with params.yaml's fit, measured by a separate run at {e['owners']} owners "
+                     f"(`{e['command']}`, started {e['started']}): {e['wall_s']:.0f} s, peak RSS "
+                     f"{e['peak_rss_bytes'] / 1e9:.2f} GB; that run's fit-profile estimate was "
+                     f"{e['estimate_s']:.0f} s. From the 4-owner run above that is an exponent of "
+                     f"{slope([s['owners'] for s in scales if dig(s, 'router_tune_default.wall_s')] + [e['owners']], [dig(s, 'router_tune_default.wall_s') for s in scales if dig(s, 'router_tune_default.wall_s')] + [e['wall_s']])}.")
     ratios = [f"{s['owners']}: {s['status_committed']['wall_s'] / s['dvc_status_committed']['wall_s']:.1f}×"
               for s in scales if s.get("status_committed") and s.get("dvc_status_committed")]
     if ratios:
@@ -908,6 +914,9 @@ def main() -> None:
     ap.add_argument("--graph-profile-child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only rewrite the markdown report (findings and notes too) from a report's JSON")
+    ap.add_argument("--with-default-fit", type=Path, nargs="*", default=[], metavar="JSON",
+                    help="with --render: add the params.yaml-fit router-tune measured by these other runs' reports "
+                         "(e.g. `--scales 16 --default-fit-scales 16`, too long for the main run)")
     a = ap.parse_args()
     if a.eval_child:
         return eval_child(a.eval_child)
@@ -915,8 +924,18 @@ def main() -> None:
         return graph_profile_child(a.graph_profile_child)
     if a.render:
         report = json.loads(a.render.read_text())
+        for other in a.with_default_fit:
+            o = json.loads(other.read_text())
+            for sc in o["scales"]:
+                if dig(sc, "router_tune_default.wall_s") is not None:
+                    report.setdefault("default_fit_elsewhere", []).append(
+                        {"owners": sc["owners"], "wall_s": sc["router_tune_default"]["wall_s"],
+                         "peak_rss_bytes": sc["router_tune_default"]["peak_rss_bytes"], "command": o["command"],
+                         "started": o["started"], "estimate_s": (o.get("router_tune_default_estimate_s") or {})
+                         .get(str(sc["owners"]))})
         analyse(report)
         report["findings"], report["notes"] = findings(report), make_notes(report)
+        a.render.write_text(json.dumps(report, indent=2) + "\n")
         a.render.with_suffix(".md").write_text(render(report))
         print(a.render.with_suffix(".md").read_text())
         return None
