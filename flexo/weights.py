@@ -117,8 +117,9 @@ def float_values(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _sum_squares(values: np.ndarray) -> float:
-    v = values.reshape(-1)
-    return float(np.dot(v, v) if v.dtype != np.float16 else np.dot(v.astype(np.float32), v.astype(np.float32)))
+    v = values.reshape(-1) if values.dtype != np.float16 else values.reshape(-1).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an answer here (see all_finite), not a warning
+        return float(np.dot(v, v))
 
 
 def all_finite(values: np.ndarray) -> bool:
