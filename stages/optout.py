@@ -35,11 +35,10 @@ from flexo.model_files import (
 )
 from flexo.params import PUBLIC
 from flexo.project import Project
-from flexo.weights import ShardWriter, TensorSpec, WeightReader, copy_support_files, shared_keys
+from flexo.weights import TORCH_NAMES, ShardWriter, TensorSpec, WeightReader, copy_support_files, shared_keys
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 2_000_000_000
-_TORCH = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}  # router dtypes, as torch names
 
 
 def _opted_tensors(src: WeightReader, keep: list[int], config: dict,
@@ -69,13 +68,15 @@ def _refitted_gates(model_dir: Path, meta: dict, names: list[str], num_layers: i
 
     from flexo.refit import refitted_weights
 
+    def torch_dtype(name: str) -> torch.dtype:  # "F32" → torch.float32
+        return getattr(torch, TORCH_NAMES[name].removeprefix("torch."))
+
     with WeightReader(model_dir, "model") as src:
         keys = [f"model.layers.{i}.mlp.gate.weight" for i in range(num_layers)]
-        dtypes = {src.dtype(k) for k in keys}
-        r_pub = [torch.frombuffer(bytearray(src.get_row(k, 0)), dtype=getattr(torch, _TORCH[src.dtype(k)])) for k in keys]
+        dtypes = [torch_dtype(src.dtype(k)) for k in keys]
+        r_pub = [torch.frombuffer(bytearray(src.get_row(k, 0)), dtype=d) for k, d in zip(keys, dtypes)]
     gates = refitted_weights(model_dir, meta, names, r_pub)
-    (dtype,) = dtypes
-    return [g.to(getattr(torch, _TORCH[dtype])).contiguous().view(-1).view(torch.uint8).numpy() for g in gates]
+    return [g.to(d).contiguous().view(-1).view(torch.uint8).numpy() for g, d in zip(gates, dtypes)]
 
 
 def opt_out_guard(model_dir: Path, layout: Layout | None) -> OutputGuard:
