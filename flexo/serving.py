@@ -3,6 +3,8 @@
 `FlexoServer` loads a merged model once; every request may exclude owners, masked for that request
 only (`flexo.routers.runtime_opt_out`, which explains why masking a router logit is the same function
 as deleting the expert). Requests are serialised with a lock: the mask changes the model in place.
+`FlexoServer.complete` is the token-by-token decoder behind the HTTP server (`flexo serve`,
+:mod:`flexo.openai_server`): sampling, stop sequences, echo log-probabilities and per-token attribution.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -107,6 +109,147 @@ class FlexoServer:
     def score(self, text: str, exclude: Sequence[str] = ()) -> float:
         """Total log-likelihood (nats) of `text` under the model with `exclude` opted out."""
         return self.score_request(text, exclude).loglik
+
+    supports_opt_out = True
+
+    @property
+    def top_k(self) -> int:
+        return int(self.model.config.num_experts_per_tok)
+
+    @property
+    def positions(self) -> int:
+        """The most tokens one sequence may feed the model (its position table)."""
+        return int(self.model.config.max_position_embeddings)
+
+    @torch.no_grad()
+    def complete(self, ids: Sequence[int], *, exclude: Sequence[str] = (), max_tokens: int = 16,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = (), logprobs: int | None = None, echo: bool = False,
+                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[dict]:
+        """Continue the token ids `ids` token by token (a KV cache, one forward per new token), yielding
+        events as they happen:
+
+        - `{"type": "prompt", ...}` first when `echo`: the prompt's tokens, each one's log-probability
+          given the tokens before it (None for the first) and, with `logprobs`, its top alternatives;
+        - `{"type": "token", "id", "piece", "text", "logprob", "top", "routing"}` per new token: `piece` is
+          the token's own text, `text` what this token adds to the returned text (held back while it
+          could still become a stop sequence or an incomplete UTF-8 character), `routing` each expert's
+          router probability (mean over layers) at the position that produced the token;
+        - `{"type": "done", "finish_reason", "text", "attribution", "prompt_tokens", "completion_tokens"}`.
+
+        temperature 0 is greedy; otherwise sampling from softmax(logits / temperature) cut to the top_p
+        nucleus, from a generator seeded by `seed` (the same seed, the same text). The text ends at the
+        first stop sequence (not included), at EOS, or after `max_tokens` tokens; `cancelled()` is
+        polled between tokens (a client that went away). The attribution (as `respond`'s) covers every
+        position fed: the prompt's and each new token's but the last."""
+        from flexo.attribution import RoutingRecorder, attribution_of
+
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise FlexoError("cannot continue an empty prompt: pass at least one token")
+        if len(ids) + max(max_tokens - 1, 0) > self.positions:
+            raise FlexoError(f"a prompt of {len(ids)} tokens plus {max_tokens} new ones exceeds the model's "
+                             f"{self.positions} positions: shorten the prompt or lower max_tokens")
+        eos = self.tokenizer.eos_token_id
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        stops = [s for s in stop if s]
+        names = list(exclude)
+        device = self._device()
+        with self._lock, self.opt_out(names), RoutingRecorder(self.model, self.experts) as rec:
+            out = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+            captures = [rec.capture()]
+            logits = out.logits[0].float().cpu()
+            if echo:
+                logp = torch.log_softmax(logits[:-1], dim=-1)
+                tail = torch.tensor(ids[1:], dtype=torch.long)
+                yield {"type": "prompt", "ids": ids, "pieces": [self._piece(i) for i in ids],
+                       "logprobs": [None, *logp.gather(1, tail[:, None])[:, 0].tolist()],
+                       "top": [None, *(self._top(row, logprobs) for row in logp)] if logprobs is not None else None}
+            past, next_logits = out.cache, logits[-1]
+            new: list[int] = []
+            sent, finish, drawn = "", "length", 0
+            for step in range(max_tokens):
+                if cancelled():
+                    finish = "cancelled"
+                    break
+                logp = torch.log_softmax(next_logits, dim=-1)
+                tok = _choose(next_logits, temperature, top_p, generator)
+                drawn += 1
+                routing = captures[-1].probs[:, -1, :].mean(dim=0).tolist()
+                if tok == eos:
+                    finish = "stop"
+                    break
+                before = self.tokenizer.decode(new, skip_special_tokens=True)
+                new.append(tok)
+                full = self.tokenizer.decode(new, skip_special_tokens=True)
+                cut, hit = _stop_cut(full, stops, final=step == max_tokens - 1)
+                yield {"type": "token", "id": tok, "piece": full[len(before):], "text": full[len(sent):cut],
+                       "logprob": float(logp[tok]), "top": self._top(logp, logprobs) if logprobs is not None else None,
+                       "routing": routing}
+                sent = full[:cut]
+                if hit:
+                    finish = "stop"
+                    break
+                if step == max_tokens - 1:
+                    break  # the last token is returned, never fed
+                out = self.model(input_ids=torch.tensor([[tok]], device=device), cache=past, use_cache=True)
+                captures.append(rec.capture())
+                past, next_logits = out.cache, out.logits[0, -1].float().cpu()
+        attribution = attribution_of(_joined(captures), names).to_dict()
+        yield {"type": "done", "finish_reason": finish, "text": sent, "attribution": attribution,
+               "prompt_tokens": len(ids), "completion_tokens": drawn}
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _top(self, logp: torch.Tensor, k: int) -> dict[str, float]:
+        """The k most likely tokens' log-probabilities by their text (the likelier one where texts coincide)."""
+        values, index = torch.topk(logp, max(int(k), 1))
+        top: dict[str, float] = {}
+        for v, i in zip(values.tolist(), index.tolist()):
+            top.setdefault(self._piece(i), float(v))
+        return top
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; otherwise a draw from the tempered softmax cut to the top_p nucleus (the
+    smallest set of most likely tokens whose probability reaches top_p)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_p, dim=0) - sorted_p  # mass of the likelier tokens
+        sorted_p[before >= top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _stop_cut(text: str, stops: Sequence[str], *, final: bool) -> tuple[int, bool]:
+    """(how much of `text` may be returned now, whether a stop sequence ended it). Text that could still
+    grow into a stop sequence, or an incomplete UTF-8 character (U+FFFD at the end), is held back until
+    the next token decides — unless this is the final token."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return min(hits), True
+    if final:
+        return len(text), False
+    keep = len(text)
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = min(keep, len(text) - n)
+                break
+    while keep > 0 and text[keep - 1] == "\ufffd":
+        keep -= 1
+    return keep, False
+
+
+def _joined(captures):
+    from flexo.attribution import RoutingCapture
+
+    return RoutingCapture(captures[0].experts, torch.cat([c.probs for c in captures], dim=1),
+                          torch.cat([c.gates for c in captures], dim=1), max(c.top_k for c in captures))
 
 
 @dataclass
