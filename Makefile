@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HOME := $(CURDIR)/.cache/hf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-all dvc-init table clean-outputs bench bench-growth ablation ceiling privacy-stats
+.PHONY: install browser demo test test-all dvc-init table clean-outputs bench bench-growth bench-serve playground-shot ablation ceiling privacy-stats
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian's Chromium and ChromeDriver for the playground's browser test (tests/flexo/test_playground.py).
+# Installed where we are root and apt works (as in CI); elsewhere that one test is skipped, saying why.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; }; } || \
+	  echo "make: no chromium/chromedriver (needs root and apt): the playground browser test will be skipped"
 
 dvc-init: install
 	test -d .dvc || dvc init -q
@@ -57,6 +65,15 @@ bench: dvc-init
 bench-growth: install
 	$(BIN)/python bench/growth.py
 
+# `flexo serve` under load: 200 requests, 8 concurrent, mixed exclusions, beside FlexoServer called directly
+# (bench/serve_load.py → docs/bench/serve-<date>.md; ~5 min, after `make demo`).
+bench-serve: install
+	$(BIN)/python bench/serve_load.py
+
+# docs/playground.png: the playground page in headless Chromium, serving models/merged-rt (after `make demo`).
+playground-shot: install browser
+	$(BIN)/python bench/playground_screenshot.py
+
 # The routing ablation of results/ablation.md (~40 min; needs `make demo` first for the public model).
 ablation: install
 	$(BIN)/python experiments/ablation.py
@@ -70,10 +87,10 @@ ceiling: install
 privacy-stats: install
 	$(BIN)/python experiments/router_stats_privacy.py
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-all: install
+test-all: install browser
 	$(BIN)/python -m pytest -q
 
 clean-outputs:
