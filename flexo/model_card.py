@@ -47,6 +47,12 @@ def model_card(meta: dict) -> str:
         sha = (meta.get("packages") or {}).get(name, "")
         lines.append(f"| {i} | {name} | `{sha[:16]}` | {t.get('steps', '')} | {t.get('tokens_seen', '')} | "
                      f"{t.get('val_loss', '')} |")
+    dp = {k: v for k, v in (meta.get("dp") or {}).items() if k in experts}
+    if dp:
+        lines += ["", "Differentially private experts (DP-SGD, one training document = the unit; flexo/dp.py): "
+                  + "; ".join(f"{k}: (ε = {v['epsilon']:g}, δ = {v['delta']:g}), {v['steps']} steps, noise multiplier "
+                              f"{v['noise_multiplier']:.3g}, clip {v['max_grad_norm']:g}" for k, v in dp.items())
+                  + ". The other experts are not DP."]
     if meta.get("opted_out"):
         lines += ["", f"Opted out (removed from this model): {', '.join(meta['opted_out'])}."]
     if meta.get("kind") == "merged-rt":

@@ -90,6 +90,23 @@ class TrainPublicParams(TrainParams):
 
 
 @dataclass
+class DPParams:
+    """`train_expert.dp`: DP-SGD for the owners' experts (flexo/dp.py)."""
+
+    epsilon: float = num(0.0, 0.0)  # 0 = off (ε = ∞); else the target ε of the expert, one document being the unit
+    delta: float = num(1e-5, 0.0, 1.0, lo_open=True)  # δ of that guarantee (must be below 1/documents)
+    max_grad_norm: float = num(1.0, 0.0, lo_open=True)  # per-document gradient clipping norm C
+    documents_per_step: int = num(16, 1)  # expected documents per step (Poisson sampling rate q = this / documents)
+    epochs: float = num(3.0, 0.0, lo_open=True)  # expected passes over the documents (replaces train_expert.epochs under DP)
+    blocks_per_document: int = num(4, 1)  # a document contributes its first blocks of max_seq_len tokens, at most this many
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's accountant that calibrates the noise and reports ε
+    owners: list[str] = field(default_factory=list)  # the owners that train with DP; empty = every owner
+
+    def applies_to(self, owner: str) -> bool:
+        return self.epsilon > 0 and (not self.owners or owner in self.owners)
+
+
+@dataclass
 class TrainExpertParams(TrainParams):
     lr: float = num(2e-3, 0.0, lo_open=True)
     public_mix: float = num(0.25, 0.0, 0.9)  # share of each batch drawn from public text (public data: isolation holds)
@@ -100,6 +117,7 @@ class TrainExpertParams(TrainParams):
     router_steps: int = num(300, 1)  # Adam steps of the classifier fit
     router_lr: float = num(1e-2, 0.0, lo_open=True)
     router_l2: float = num(1e-3, 0.0)  # L2 on w scaled by the features' spread
+    dp: DPParams = field(default_factory=DPParams)  # differential privacy (DP-SGD) for some or all owners
 
 
 @dataclass
@@ -295,6 +313,10 @@ def params_from_dict(raw: dict) -> Params:
         if name in seen:
             raise FlexoError(f"params.yaml: owner {name!r} is listed twice in owners: remove the duplicate")
         seen.add(name)
+    unknown = [o for o in params.train_expert.dp.owners if o not in params.owners]
+    if unknown:
+        raise FlexoError(f"params.yaml: train_expert.dp.owners names {unknown}, which are not in owners "
+                         f"{params.owners}: list owners from there (or [] for every owner)")
     m = params.model
     if m.hidden_size % m.num_heads:
         raise FlexoError(

@@ -128,7 +128,8 @@ def _evaluate_all(params: Params, layout: Layout, limit: int | None) -> dict:
             stale.unlink()
     write_json(out / "metrics.json", metrics)
     with atomic_file(out / "table.md") as f:
-        f.write(render_table(bpb, domains, owners, limit=limit, max_length=ev.max_length))
+        f.write(render_table(bpb, domains, owners, limit=limit, max_length=ev.max_length,
+                             dp=_dp_experts(layout)))
     optout = {m: s for m, s in bpb.items() if m.startswith("optout:")}
     optout_rt = {m: s for m, s in bpb.items() if m.startswith("optout-rt:")}
     with atomic_file(out / "optout.md") as f:
@@ -182,8 +183,15 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _dp_experts(layout: Layout) -> dict:
+    """{owner: its DP record} of the merged model's differentially private experts (flexo/dp.py)."""
+    from flexo.model_files import read_meta
+
+    return read_meta(layout.merged).get("dp") or {} if (layout.merged / "flexo.json").is_file() else {}
+
+
 def render_table(bpb: dict[str, dict[str, float]], domains: list[str], owners: list[str], *,
-                 limit: int | None, max_length: int) -> str:
+                 limit: int | None, max_length: int, dp: dict | None = None) -> str:
     """Markdown: rows = models, columns = domains + the mean over owner domains (when any owner's held-out
     split is here); best per column bold."""
     cols = [*domains, AVG] if owners else list(domains)
@@ -206,6 +214,10 @@ def render_table(bpb: dict[str, dict[str, float]], domains: list[str], owners: l
         "model and every owner's model; expert:X = owner X's own 2-expert model; optout:X = the merged model "
         "with X's expert masked out at run time."
     )
+    if dp:
+        caption += (" Differentially private experts (DP-SGD): "
+                    + ", ".join(f"{o} (ε = {r['epsilon']:g}, δ = {r['delta']:g})" for o, r in dp.items())
+                    + "; the other experts are not DP.")
     return caption + "\n\n" + "\n".join(lines) + "\n"
 
 

@@ -262,6 +262,9 @@ def merge(params: Params, layout: Layout, *, public: Path | None = None, experts
             "shards": len(written["files"]),
             "bytes": written["total_size"],
         }
+        dp = {p.owner: p.meta["dp"] for p in kept if p.meta.get("dp")}
+        if dp:  # which experts are differentially private, and their (ε, δ) as spent (flexo/dp.py)
+            meta["dp"] = dp
         write_meta(tmp, meta)
         write_model_card(tmp, meta)
     wall = round(time.time() - started, 2)

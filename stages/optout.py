@@ -165,6 +165,10 @@ def opt_out(model_dir: Path, exclude: Sequence[str], out: Path, *, shard_bytes: 
             "bytes": written["total_size"],
             **({"refitted_without": [*src_meta.get("refitted_without", []), *names]} if gates is not None else {}),
         })
+        kept_dp = {k: v for k, v in (src_meta.get("dp") or {}).items() if k in kept_names}
+        meta.pop("dp", None)
+        if kept_dp:  # the DP record of the experts that remain (flexo/dp.py)
+            meta["dp"] = kept_dp
         if warning:
             meta["rerun_needed"] = True
             meta["warning"] = warning

@@ -13,6 +13,9 @@ slice, so they are frozen by a gradient mask with weight decay 0 and stay bit-id
 before anything is written. Reads only this owner's data plus public artifacts (the public model,
 tokenizer, router rows and, for `public_mix`, public text).
 
+With `train_expert.dp.epsilon` > 0 (for this owner) the expert is trained by DP-SGD instead
+(flexo/dp.py): (ε, δ)-DP per training document, recorded in expert.json's `dp`.
+
 Writes `models/experts/<owner>/`: `model/` (the owner's full 2-expert model), the expert package
 (`expert.safetensors` + `expert.json`) and `loss.csv`.
 """
@@ -105,6 +108,11 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
     started = time.time()
     guard = package_guard(owner)
     guard.check(layout.expert(owner))  # before the training, not only before the rename
+    tp = params.train_expert
+    dp = tp.dp if tp.dp.applies_to(owner) else None
+    if dp is not None and (tp.backend == "deepspeed" or (tp.backend == "auto" and torch.cuda.is_available())):
+        raise FlexoError(f"train_expert.dp is set for {owner!r} but the DeepSpeed backend has no DP-SGD here: "
+                         "set train_expert.backend: torch for DP training")
     tokenizer = load_tokenizer(layout)
     # The router row is checked before any weights load (a wrong width is one line, no loading noise).
     width = load_config(layout.public_model).hidden_size
@@ -114,10 +122,13 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
     trainable, masks = owner_trainables(model)
 
     data_manifest = curated_manifest(layout, owner)  # checked before any packing or fitting
-    tp = params.train_expert
     seq = params.model.max_seq_len
-    train_blocks = pack(tokenizer, read_split(layout, owner, "train"), seq, f"{owner} train split")
+    train_texts = read_split(layout, owner, "train")
     val_blocks = pack(tokenizer, read_split(layout, owner, "val"), seq, f"{owner} val split")
+    if dp is not None:
+        return _train_expert_dp(owner, params, layout, model, public, public_meta, tokenizer, trainable, masks,
+                                train_texts, val_blocks, data_manifest, guard, started, resume=resume, on_step=on_step)
+    train_blocks = pack(tokenizer, train_texts, seq, f"{owner} train split")
     # Public text: in owner batches (`public_mix`) it teaches the expert and a trained r_owner to leave
     # public-like text to the public expert (SPEC §4); the classifier router is fitted against it. It is
     # public data, so the owner's stage still reads no other owner's data.
@@ -138,6 +149,39 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
                    "data": data_manifest["splits"]["train"]["sha256"]},
         resume=resume, desc=f"train-expert {owner}", on_step=on_step,
     )
+    return _write_package(owner, layout, model, public, public_meta, tokenizer, result, data_manifest, guard, started,
+                          router=tp.router, router_figures=router_figures, public_mix=tp.public_mix, dp=None)
+
+
+def _train_expert_dp(owner, params, layout, model, public, public_meta, tokenizer, trainable, masks, train_texts,
+                     val_blocks, data_manifest, guard, started, *, resume, on_step) -> dict:
+    """The expert by DP-SGD (flexo/dp.py): one example per document, the router row trained inside DP-SGD
+    from r_pub (data-independent), `public_mix` public blocks outside the private batches."""
+    from flexo.dp import check_delta, document_examples, train_dp
+    from flexo.router_stats import owner_secret
+
+    tp, dp = params.train_expert, params.train_expert.dp
+    seq = params.model.max_seq_len
+    examples = document_examples(tokenizer, train_texts, seq, dp.blocks_per_document)
+    check_delta(dp.delta, len(examples), owner)
+    with torch.no_grad():  # r_owner = r_pub: the domain embedding was computed from the owner's text outside DP
+        for gate in gates(model):
+            gate.weight[1] = gate.weight[0]
+    public_blocks = None
+    if tp.public_mix:
+        public_blocks = pack(tokenizer, read_split(layout, PUBLIC, "train"), seq, "public train split")
+    result, record = train_dp(
+        model, examples, public_blocks, val_blocks, tp, dp, trainable=trainable, grad_masks=masks,
+        ckpt_dir=layout.checkpoints(f"expert-{owner}"), secret=owner_secret(layout),
+        key_parts={"stage": "train_expert", "owner": owner, "public": public_meta["fingerprint"],
+                   "data": data_manifest["splits"]["train"]["sha256"]},
+        resume=resume, desc=f"train-expert {owner} (DP ε={dp.epsilon:g})", on_step=on_step)
+    return _write_package(owner, layout, model, public, public_meta, tokenizer, result, data_manifest, guard, started,
+                          router="trained-dp", router_figures=None, public_mix=tp.public_mix, dp=record.to_dict())
+
+
+def _write_package(owner, layout, model, public, public_meta, tokenizer, result, data_manifest, guard, started, *,
+                   router, router_figures, public_mix, dp) -> dict:
     check_public_parts_unchanged(model, public)
 
     out = layout.expert(owner)
@@ -147,7 +191,7 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
         write_meta(tmp / "model", {"kind": "owner", "experts": [PUBLIC, owner], "top_k": 2,
                                    "fingerprint": public_meta["fingerprint"]})
         cfg = model.config
-        package = ExpertPackage.write(tmp, expert_tensors(model, 1), {
+        meta = {
             "owner": owner,
             "public_fingerprint": public_meta["fingerprint"],
             "num_layers": cfg.num_hidden_layers,
@@ -155,14 +199,18 @@ def train_expert(owner: str, params: Params, layout: Layout, *, resume: bool = T
             "intermediate_size": cfg.intermediate_size,
             "steps": result.steps,
             "tokens_seen": result.tokens,
-            "public_mix": tp.public_mix,
-            "router": tp.router,
+            "public_mix": public_mix,
+            "router": router,
             "router_classifier": router_figures,
-            "train_loss": round(result.train_loss, 5),
+            # under DP the training loss of the sampled documents is not released (it is not noised)
+            "train_loss": round(result.train_loss, 5) if dp is None else None,
             "val_loss": round(result.val_loss, 5),
             "initial_val_loss": round(result.initial_val_loss, 5),
             "data_manifest_sha256": {s: data_manifest["splits"][s]["sha256"] for s in ("train", "val")},
-        })
+        }
+        if dp is not None:
+            meta["dp"] = dp  # absent for a non-DP expert: its expert.json keeps the bytes it always had
+        package = ExpertPackage.write(tmp, expert_tensors(model, 1), meta)
         write_loss_log(tmp / "loss.csv", result.log)
     drop_checkpoint(layout.checkpoints(f"expert-{owner}"))
     timings.record(layout.root, f"train-expert@{owner}", wall_s=round(time.time() - started, 1),
