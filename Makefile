@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HOME := $(CURDIR)/.cache/hf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install browser demo test test-all dvc-init table clean-outputs bench bench-growth bench-serve playground-shot ablation ceiling privacy-stats
+.PHONY: install browser demo test test-all dvc-init table clean-outputs bench bench-growth bench-serve playground-shot dp-experts ablation ceiling privacy-stats
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,11 @@ bench-serve: install
 # docs/playground.png: the playground page in headless Chromium, serving models/merged-rt (after `make demo`).
 playground-shot: install browser
 	$(BIN)/python bench/playground_screenshot.py
+
+# What DP-SGD costs the experts: ε ∈ {∞, 8, 2}, bpb, extraction and membership AUC (experiments/dp_experts.py →
+# docs/dp_experts.md; ~40 min on 2 cores, after `make demo`; writes nothing in models/ or results/).
+dp-experts: install
+	$(BIN)/python experiments/dp_experts.py
 
 # The routing ablation of results/ablation.md (~40 min; needs `make demo` first for the public model).
 ablation: install

@@ -4,6 +4,7 @@ step, measured side by side in one run. Writes results/bench.json and results/be
     .venv/bin/python bench/run.py [--before REV] [--skip-merge]
 
 Figures (goal in brackets; merge and cp are each timed until `sync` returns, merges best of two):
+- dp_vs_train           tokens/s of train-expert's DP-SGD loop (flexo/dp.py) over its ordinary loop, same owner
 - train_vs_plain_loop   tokens/s of train-expert's loop (flexo.training.train: masks, clipping, periodic
                         validation and checkpoints) over a minimal hand-written AdamW loop, same model,
                         batches and steps [≥ 0.9]
@@ -101,12 +102,39 @@ def plain_loop(owner: str) -> dict:
     return {"tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 1)}
 
 
+def dp_loop(owner: str) -> dict:
+    """train-expert's DP-SGD loop (flexo/dp.py, ε = 8) on the same owner: one backward pass per sampled
+    document (its own gradient, clipped), noise, public text mixed in. Tokens: the documents' own tokens
+    (padding left out) plus the public blocks."""
+    from dataclasses import replace
+
+    from flexo.data import read_split
+    from flexo.dp import document_examples, train_dp
+    from flexo.layout import Layout
+    from flexo.tokenization import load_tokenizer
+    from flexo.training import drop_checkpoint
+
+    params, model, trainable, masks, batches, val = _expert_setup(owner)
+    layout = Layout.at(ROOT)
+    dp = replace(params.train_expert.dp, epsilon=8.0)
+    tp = replace(params.train_expert, max_steps=STEPS, backend="torch", dp=dp)
+    examples = document_examples(load_tokenizer(layout), read_split(layout, owner, "train"),
+                                 params.model.max_seq_len, dp.blocks_per_document)
+    ckpt = ROOT / ".cache" / "bench" / "ckpt-dp"
+    t0 = time.time()
+    r, _ = train_dp(model, examples, batches.mix, val, tp, dp, trainable=trainable, grad_masks=masks, ckpt_dir=ckpt,
+                    key_parts={"bench": time.time()}, secret=b"bench", resume=False, desc="bench DP loop")
+    drop_checkpoint(ckpt)
+    return {"step_tokens_per_s": r.step_tokens_per_s, "wall_s": round(time.time() - t0, 1)}
+
+
 def bench_training(owner: str) -> dict:
     # Alternate, best of two each: the machine's speed drifts over minutes (thermal, page cache).
-    runs = {"plain": [], "flexo": []}
+    runs = {"plain": [], "flexo": [], "dp": []}
     for _ in range(2):
         runs["plain"].append(plain_loop(owner))
         runs["flexo"].append(flexo_loop(owner))
+        runs["dp"].append(dp_loop(owner))
     plain = max(r["tokens_per_s"] for r in runs["plain"])
     ours = max(r["step_tokens_per_s"] for r in runs["flexo"])
     loop = max(r["loop_tokens_per_s"] for r in runs["flexo"])
@@ -114,7 +142,9 @@ def bench_training(owner: str) -> dict:
     # work the plain loop does not do, reported beside it.
     return {"owner": owner, "steps": STEPS, "runs": runs, "plain_tokens_per_s": plain, "flexo_tokens_per_s": ours,
             "flexo_loop_with_validation_tokens_per_s": loop, "train_vs_plain_loop": round(ours / plain, 3),
-            "loop_with_validation_vs_plain": round(loop / plain, 3)}
+            "loop_with_validation_vs_plain": round(loop / plain, 3),
+            "dp_tokens_per_s": max(r["step_tokens_per_s"] for r in runs["dp"]),
+            "dp_vs_train": round(max(r["step_tokens_per_s"] for r in runs["dp"]) / ours, 3)}
 
 
 # ----------------------------------------------------------------------------------------- merge
@@ -278,6 +308,10 @@ def render(report: dict) -> str:
              f"{t['plain_tokens_per_s']:.0f} tok/s, {t['steps']} steps of train-expert ({t['owner']}); with the loop's "
              f"periodic validation included {t['flexo_loop_with_validation_tokens_per_s']:.0f} tok/s = "
              f"{t['loop_with_validation_vs_plain']} |",
+             *([f"| dp_vs_train | {t['dp_vs_train']} | (cost of DP-SGD) | {t['dp_tokens_per_s']:.0f} vs "
+                f"{t['flexo_tokens_per_s']:.0f} tok/s: train-expert's DP-SGD loop (ε = 8; one backward pass per "
+                f"sampled document, its own gradient clipped, noise, public text mixed in) vs its ordinary loop, "
+                f"{t['steps']} steps each |"] if "dp_vs_train" in t else []),
              f"| merge_vs_copy | {m['merge_vs_copy']} | ≥ 0.8 | {m['merge_bytes_per_s'] / 1e6:.0f} vs "
              f"{m['cp_bytes_per_s'] / 1e6:.0f} MB/s on {m['input_bytes'] / 1e9:.2f} GB ({m['experts']} experts) |",
              f"| merge_peak_rss_over_largest_input | {m['merge_peak_rss_over_largest_input']} | ≤ 1.5 | "

@@ -83,6 +83,12 @@ def model_card(meta: dict) -> str:
         "# or, on a loaded model: with flexo.routers.runtime_opt_out(model, experts, ['" + example + "']): ...",
         "```",
         "",
+        "Or over HTTP (OpenAI-compatible completions; `exclude` and `attribution` per request, a playground at /):",
+        "",
+        "```",
+        "flexo serve --model <this folder>",
+        "```",
+        "",
     ]
     return "\n".join(lines)
 
