@@ -30,6 +30,7 @@ the server.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import queue
@@ -161,7 +162,9 @@ class Engine:
         self.model_id = model_id
         self.max_tokens_limit = int(max_tokens_limit)
         self.max_prompt_tokens = int(max_prompt_tokens or server.positions)
-        self.tokenizer = server.tokenizer
+        # Its own copy: a fast tokenizer used from two threads at once can fail ("Already borrowed") when a
+        # call resets its truncation/padding state; the worker decodes with the server's.
+        self.tokenizer = copy.deepcopy(server.tokenizer)
         self.vocab = len(self.tokenizer)
         self.owners = [e for e in server.experts if e != "public"]
         self._jobs: queue.Queue[Job | None] = queue.Queue()
