@@ -84,6 +84,7 @@ class Case:
 
 
 CURATED_ALPHA = lambda L, t: [L.curated("alpha"), L.heldout("alpha")]  # noqa: E731
+EXPERT_BETA = lambda L, t: [L.expert("beta"), L.checkpoints("expert-beta")]  # noqa: E731
 MERGED = lambda L, t: [L.merged]  # noqa: E731
 EXPERT_ALPHA = lambda L, t: [L.expert("alpha"), L.checkpoints("expert-alpha")]  # noqa: E731
 
@@ -108,6 +109,19 @@ def _owners(*names):
         raw["owners"] = list(names)
 
     return edit
+
+
+def _dp_case(dp: dict, **train_expert):
+    """params.yaml with `train_expert.dp` (and other train_expert keys) set; runs train-expert for beta."""
+    def setup(layout, tmp):
+        def edit(raw):
+            raw["train_expert"].update(train_expert)
+            raw["train_expert"]["dp"] = dp
+
+        write_params(layout, edit)
+        return ["train-expert", "--owner", "beta"]
+
+    return setup
 
 
 def _no_documents(layout, tmp):
@@ -557,6 +571,20 @@ CASES += [
     Case("attribute-file-device", "`flexo attribute --file /dev/zero`",
          lambda L, t: (_merged_first(L), ["attribute", "--model", str(L.merged), "--file", "/dev/zero"])[-1],
          lambda L, t: [L.results], "not a regular file"),
+    Case("dp-delta-too-big", "DP training with δ not below 1/documents (`train_expert.dp: {epsilon: 8, delta: 0.5}`)",
+         _dp_case({"epsilon": 8, "delta": 0.5}), EXPERT_BETA, "is not below 1/"),
+    Case("dp-epsilon-unreachable", "a DP ε the accountant cannot reach (`train_expert.dp.epsilon: 1e-4`)",
+         _dp_case({"epsilon": 1e-4, "delta": 1e-3}), EXPERT_BETA, "cannot be reached"),
+    Case("dp-deepspeed", "DP training with `train_expert.backend: deepspeed`",
+         _dp_case({"epsilon": 8, "delta": 1e-3}, backend="deepspeed"), EXPERT_BETA, "DeepSpeed backend"),
+    Case("dp-owner-unknown", "`train_expert.dp.owners: [gamma]`, not an owner",
+         _dp_case({"epsilon": 8, "owners": ["gamma"]}), EXPERT_BETA, "not in owners"),
+    Case("serve-no-model", "`flexo serve --model` naming a folder that does not exist",
+         lambda L, t: ["serve", "--model", str(t / "nowhere"), "--port", "0"], lambda L, t: [L.results],
+         "not a model folder"),
+    Case("serve-engine-vllm", "`flexo serve --engine vllm` without vLLM or a GPU",
+         lambda L, t: (_merged_first(L), ["serve", "--model", str(L.merged), "--engine", "vllm", "--port", "0"])[-1],
+         lambda L, t: [L.results], "--engine vllm cannot run here"),
 ]
 SUBPROCESS = ["params-unknown-key", "package-truncated", "router-embedding-width", "opt-out-exclude-unknown",
               "merge-out-data", "config-json-wrong-type"]
