@@ -73,6 +73,7 @@ def test_merge_and_opt_out_write_the_bytes_the_torch_based_code_wrote(tiny_proje
             out = tmp_path / f"{name}-{who}"
             _run(code, program, *[a.replace("{out}", str(out)) for a in argv])
             outs[who] = tree(out)
+        _same_card(tmp_path / f"{name}-old", tmp_path / f"{name}-new", outs)
         if name == "opt-out-rt":
             _same_but_the_leak(tmp_path / f"{name}-old", tmp_path / f"{name}-new", outs)
         else:
@@ -80,6 +81,21 @@ def test_merge_and_opt_out_write_the_bytes_the_torch_based_code_wrote(tiny_proje
         if name == "merge-sharded":
             assert "model.safetensors.index.json" in outs["new"] and len(outs["new"]) > 8, outs["new"]
     shutil.rmtree(old)
+
+
+SERVE_LINES = 5  # the model card's paragraph on `flexo serve` (after a blank line), added after BEFORE
+
+
+def _same_card(old, new, outs):
+    """The model card (README.md) is BEFORE's plus the `flexo serve` paragraph, nothing else; it leaves
+    the byte comparison of every other file."""
+    before = (old / "README.md").read_text().splitlines()
+    after = (new / "README.md").read_text().splitlines()
+    at = after.index("Or over HTTP (OpenAI-compatible completions; `exclude` and `attribution` per request, a playground at /):")
+    assert after[at + 3] == "flexo serve --model <this folder>", after[at:at + SERVE_LINES]
+    assert after[at - 1] == "" and after[:at - 1] + after[at + SERVE_LINES:] == before
+    for who in ("old", "new"):
+        outs[who].pop("README.md")
 
 
 def _same_but_the_leak(old, new, outs):
