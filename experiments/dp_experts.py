@@ -120,6 +120,67 @@ def public_reference(owners: list[str]) -> dict:
     return ref
 
 
+@torch.no_grad()
+def document_nats(model, tokenizer, texts: list[str], window: int) -> list[float]:
+    """Each document's total NLL (nats): disjoint windows of `window` tokens, the first after an EOS, each
+    later one after the tokens of the window before it (a close stand-in for lm-eval's rolling windows)."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        seq, total = [eos, *ids], 0.0
+        for start in range(1, len(seq), window):
+            ctx = max(0, start - window)
+            x = torch.tensor([seq[ctx:start + window]])
+            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), dim=-1)
+            tgt = x[0, 1:]
+            nll = -logp.gather(1, tgt[:, None])[:, 0]
+            total += float(nll[start - ctx - 1:].sum())
+        out.append(total)
+    return out
+
+
+def paired_interval(a: list[float], b: list[float], nbytes: list[int], *, resamples: int = 2000, seed: int = 0):
+    """bpb(a) − bpb(b) over the same documents and its 95% paired bootstrap interval (documents resampled)."""
+    import numpy as np
+
+    a, b, n = np.array(a), np.array(b), np.array(nbytes, dtype=float)
+    rng = np.random.default_rng(seed)
+    diff = lambda i: (a[i].sum() - b[i].sum()) / n[i].sum() / np.log(2)  # noqa: E731
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    boots = np.array([diff(i) for i in idx])
+    return float(diff(np.arange(len(a)))), [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+
+
+def intervals(report: dict) -> dict:
+    """Own-domain bpb differences with paired bootstrap intervals: each DP expert vs the ε = ∞ expert and vs
+    the public model, on each owner's held-out documents."""
+    from flexo.data import read_split
+    from flexo.modeling import load_model
+    from flexo.tokenization import load_tokenizer
+
+    layout = Layout.at(ROOT)
+    tok = load_tokenizer(layout)
+    window = load_params(ROOT / "params.yaml").evaluate.max_length
+    out = {}
+    for owner in report["settings"][0]["owners"]:
+        texts = read_split(layout, owner, "test")
+        nbytes = [len(t.encode()) for t in texts]
+        models = {"public": layout.public_model, "inf": layout.expert(owner) / "model"}
+        for s in report["settings"]:
+            if s["epsilon"] is not None:
+                models[f"{s['epsilon']:g}"] = ROOT / ".cache" / "dp-experts" / f"eps-{s['epsilon']:g}" / "models" / \
+                    "experts" / owner / "model"
+        nats = {k: document_nats(load_model(p).eval(), tok, texts, window) for k, p in models.items()}
+        out[owner] = {"documents": len(texts)}
+        for k in models:
+            if k not in ("public", "inf"):
+                for ref in ("inf", "public"):
+                    d, ci = paired_interval(nats[k], nats[ref], nbytes)
+                    out[owner][f"eps{k}-minus-{ref}"] = {"diff": round(d, 4), "ci95": [round(ci[0], 4), round(ci[1], 4)]}
+        print(owner, out[owner], flush=True)
+    return out
+
+
 def write_report(report: dict) -> None:
     out = ROOT / "docs"
     (out / "dp_experts.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -161,6 +222,21 @@ def write_report(report: dict) -> None:
                 lines.append(f"| {s['epsilon']:g} | " + " | ".join(
                     f"{(ref[o]['bpb'] - s['owners'][o]['own_bpb']) / (ref[o]['bpb'] - full['owners'][o]['own_bpb']):.1%}"
                     for o in owners) + " |")
+    if report.get("intervals"):
+        lines += ["", "Paired differences in own-domain bits per byte (DP expert − reference, same held-out documents; "
+                  "per-document NLL from windows of 256 tokens; 95% paired bootstrap interval over documents, 2000 "
+                  "resamples). Positive = the DP expert is worse.", "",
+                  "| owner (documents) | comparison | difference | 95% interval | verdict |", "|---|---|---:|---|---|"]
+        for o in owners:
+            iv = report["intervals"][o]
+            for key, v in iv.items():
+                if key == "documents":
+                    continue
+                eps, ref = key.removeprefix("eps").split("-minus-")
+                verdict = "no difference shown" if v["ci95"][0] <= 0 <= v["ci95"][1] else (
+                    "DP worse" if v["diff"] > 0 else "DP better")
+                lines.append(f"| {o} ({iv['documents']}) | ε={eps} − {'ε=∞' if ref == 'inf' else 'public'} | "
+                             f"{v['diff']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] | {verdict} |")
     dp_rows = [(s["epsilon"], o, s["owners"][o]["dp"]) for s in report["settings"] for o in owners
                if "dp" in s["owners"][o]]
     if dp_rows:
@@ -177,10 +253,13 @@ def main() -> None:
     ap.add_argument("--epsilons", default="inf,8,2", help="comma-separated; inf = the demo as built")
     ap.add_argument("--owners", default=None, help="comma-separated (default: params.yaml owners)")
     ap.add_argument("--render", action="store_true", help="only rewrite docs/dp_experts.md from docs/dp_experts.json")
+    ap.add_argument("--intervals", action="store_true", help="with --render: recompute the paired intervals")
     args = ap.parse_args()
     if args.render:
         report = json.loads((ROOT / "docs" / "dp_experts.json").read_text())
         report.setdefault("public", public_reference(list(report["settings"][0]["owners"])))
+        if args.intervals or "intervals" not in report:
+            report["intervals"] = intervals(report)
         write_report(report)
         print((ROOT / "docs" / "dp_experts.md").read_text())
         return
@@ -198,6 +277,7 @@ def main() -> None:
               "versions": {"python": platform.python_version(), "torch": torch.__version__, "opacus": opacus.__version__,
                            "cpus": os.cpu_count()},
               "settings": settings, "public": public_reference(owners)}
+    report["intervals"] = intervals(report)
     write_report(report)
     print((ROOT / "docs" / "dp_experts.md").read_text())
 
