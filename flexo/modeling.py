@@ -29,6 +29,9 @@ from flexo.weights import fingerprint  # noqa: F401
 
 log = logging.getLogger(__name__)
 
+# safetensors' float dtype names → torch's (a converted checkpoint keeps its dtype: flexo/checkpoint.py).
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
 
 
 # --------------------------------------------------------------------------------------------- configs

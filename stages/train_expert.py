@@ -31,7 +31,7 @@ from flexo.errors import FlexoError
 from flexo.fsutil import OutputGuard, atomic_dir
 from flexo.layout import Layout
 from flexo.modeling import (
-    MODEL_FILES, coupled_model, load_config, expert_tensors, fingerprint, load_model, read_meta, read_router_row, write_meta,
+    MODEL_FILES, TORCH_DTYPES, coupled_model, load_config, expert_tensors, fingerprint, load_model, read_meta, read_router_row, write_meta,
 )
 from flexo.package import PACKAGE_META, PACKAGE_TENSORS, ExpertPackage
 from flexo import timings
@@ -42,6 +42,7 @@ from flexo.ds_backend import select_backend
 from flexo.training import Batches, drop_checkpoint, pack, write_loss_log
 from flexo.data import curated_manifest, read_split
 from flexo.tokenization import load_tokenizer
+from flexo.weights import WeightReader
 
 
 def load_public(layout: Layout, *, verify: bool = True):
@@ -183,6 +184,10 @@ def _train_expert_dp(owner, params, layout, model, public, public_meta, tokenize
 def _write_package(owner, layout, model, public, public_meta, tokenizer, result, data_manifest, guard, started, *,
                    router, router_figures, public_mix, dp) -> dict:
     check_public_parts_unchanged(model, public)
+    # The expert is written in the public model's dtype (fp32 for a public model trained here; a converted
+    # checkpoint keeps its own, e.g. bf16): the merge needs one dtype, and the public parts round-trip exactly.
+    with WeightReader(layout.public_model, "public model") as pub:
+        model = model.to(TORCH_DTYPES[pub.dtype("model.layers.0.mlp.gate.weight")])
 
     out = layout.expert(owner)
     with atomic_dir(out, guard) as tmp:

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from flexo.checkpoint import read_source, source_tokenizer, write_public_model
 from flexo.errors import FlexoError
 from flexo.fsutil import atomic_dir
 from flexo.layout import Layout
 from flexo.modeling import (
-    count_params, fingerprint, load_config, model_config, model_guard, new_model, read_router_row, write_meta,
+    TORCH_DTYPES, count_params, fingerprint, model_config, model_guard, new_model, read_router_row, write_meta,
 )
 from flexo import timings
 from flexo.params import PUBLIC, Params
@@ -32,52 +32,17 @@ from flexo.data import read_split
 from flexo.tokenization import load_tokenizer
 
 
-def convert_checkpoint(path: Path, params: Params, tokenizer) -> torch.nn.Module:
-    """A dense OLMo-2 or a FlexOlmo checkpoint → our 1-expert FlexOlmo (expert 0 of a FlexOlmo is its
-    public expert). Reads safetensors only."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FlexoError(f"model.init_from {path} is not a transformers checkpoint folder (no config.json)")
-    src_cfg = load_config(path, flex_olmo=False)
-    if src_cfg.model_type not in ("olmo2", "flex_olmo"):
-        raise FlexoError(f"model.init_from {path}: model_type {src_cfg.model_type!r} is not olmo2 or flex_olmo")
-    if src_cfg.vocab_size < len(tokenizer):
-        raise FlexoError(f"model.init_from {path}: vocab {src_cfg.vocab_size} is smaller than the tokenizer's")
-    cfg = model_config(params.model, vocab_size=src_cfg.vocab_size, pad_id=tokenizer.pad_token_id,
-                       eos_id=tokenizer.eos_token_id)
-    for ours, theirs in [("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
-                         ("num_hidden_layers", "num_hidden_layers"), ("num_attention_heads", "num_attention_heads"),
-                         ("num_key_value_heads", "num_key_value_heads"), ("rms_norm_eps", "rms_norm_eps")]:
-        setattr(cfg, ours, getattr(src_cfg, theirs))
-    # Dense and 1-expert FlexOlmo agree bit for bit only when rms_norm_eps and rope_theta match (SPEC §1).
-    cfg.rope_parameters = dict(getattr(src_cfg, "rope_parameters", None) or cfg.rope_parameters)
-    model = new_model(cfg)
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as st:
-            for k in st.keys():
-                tensors[k] = st.get_tensor(k)
-    if not tensors:
-        raise FlexoError(f"model.init_from {path} holds no .safetensors weights (pickle checkpoints are refused)")
-    state = model.state_dict()
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}.mlp."
-        if src_cfg.model_type == "olmo2":
-            gate, up, down = (tensors.pop(p + f"{n}.weight") for n in ("gate_proj", "up_proj", "down_proj"))
-        else:
-            gate, up, down = (tensors.pop(p + f"experts.0.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj"))
-            for k in [k for k in tensors if k.startswith(p)]:
-                tensors.pop(k)  # the other experts and the router are not part of the public model
-        tensors[p + "experts.gate_up_proj"] = torch.cat([gate, up], 0)[None]
-        tensors[p + "experts.down_proj"] = down[None]
-        tensors[p + "gate.weight"] = state[p + "gate.weight"]
-    if "lm_head.weight" not in tensors:
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    missing = set(state) - set(tensors)
-    if missing:
-        raise FlexoError(f"model.init_from {path}: tensors missing for {sorted(missing)[0]} (and {len(missing) - 1} more)")
-    model.load_state_dict({k: tensors[k].to(torch.float32) for k in state}, strict=True)
-    return model
+def convert_public(params: Params, tokenizer, r_pub: torch.Tensor, folder: Path) -> int:
+    """`model.init_from` written into `folder` as the public model (flexo/checkpoint.py): streamed tensor by
+    tensor in the checkpoint's dtype. `models/tokenizer` must be the checkpoint's own (the tokenizer stage
+    installs it): weights read with another vocabulary would be read with the wrong token ids."""
+    source = read_source(params)
+    theirs = source_tokenizer(source)
+    if tokenizer.backend_tokenizer.to_str() != theirs.backend_tokenizer.to_str():
+        raise FlexoError(f"models/tokenizer is not the tokenizer of model.init_from {source.path}: rerun "
+                         "`flexo tokenizer` (it installs the checkpoint's tokenizer when model.init_from is set)")
+    row = r_pub.to(TORCH_DTYPES[source.dtype]).contiguous().view(torch.uint8).numpy()
+    return write_public_model(source, row, folder, params.merge.shard_bytes)
 
 
 def train_public(params: Params, layout: Layout, *, resume: bool = True) -> dict:
@@ -87,10 +52,8 @@ def train_public(params: Params, layout: Layout, *, resume: bool = True) -> dict
     tokenizer = load_tokenizer(layout)
     r_pub = read_router_row(layout.router_embedding(PUBLIC), params.model.hidden_size)
     tp = params.train_public
-    if params.model.init_from:
-        model = convert_checkpoint(Path(params.model.init_from), params, tokenizer)
-        result = None
-    else:
+    result = None
+    if not params.model.init_from:
         torch.manual_seed(tp.seed)
         cfg = model_config(params.model, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
                            eos_id=tokenizer.eos_token_id)
@@ -105,17 +68,21 @@ def train_public(params: Params, layout: Layout, *, resume: bool = True) -> dict
                        no_decay=no_decay, ckpt_dir=layout.checkpoints(PUBLIC), desc="train-public",
                        key_parts={"stage": "train_public", "model": vars(params.model), "data": len(train_blocks)},
                        resume=resume)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.copy_(r_pub[None])
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.copy_(r_pub[None])
     with atomic_dir(layout.public_model, guard) as tmp:
-        model.save_pretrained(tmp)
+        if params.model.init_from:
+            parameters = convert_public(params, tokenizer, r_pub, tmp)
+        else:
+            model.save_pretrained(tmp)
+            parameters = count_params(model)
         tokenizer.save_pretrained(tmp)
         meta = {
             "kind": "public",
             "experts": [PUBLIC],
             "fingerprint": fingerprint(tmp),
-            "parameters": count_params(model),
+            "parameters": parameters,
             "init_from": params.model.init_from or None,
             "training": result.summary() if result else None,
         }
