@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HOME := $(CURDIR)/.cache/hf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install browser demo test test-all dvc-init table clean-outputs bench bench-growth bench-serve playground-shot dp-experts ablation ceiling privacy-stats
+.PHONY: install browser demo test test-all dvc-init table clean-outputs bench bench-growth bench-serve playground-shot dp-experts ablation ceiling privacy-stats scale
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -86,6 +86,13 @@ ablation: install
 # Where the merged model loses to BTM and how far any linear router could go (~10 min, after `make demo`).
 ceiling: install
 	$(BIN)/python experiments/routing_ceiling.py
+
+# The demo at ~4x scale beside the demo (configs/scale4x.yaml, a scratch project under .cache/scale/; ~2 h on
+# 2 cores, after `make demo`): table, routing ceiling and separability at both sizes → docs/scale.md.
+scale: install
+	$(BIN)/python experiments/scale.py run configs/scale4x.yaml
+	$(BIN)/python experiments/scale.py demo
+	$(BIN)/python experiments/scale.py render
 
 # What (ε, δ)-DP and low-rank router statistics cost the default model, and the bytes each owner ships
 # (docs/router_stats_privacy.md; ~1 h on 2 busy cores, after `make demo`; writes nothing in models/, results/).
