@@ -9,6 +9,7 @@ calls its one stage function; dvc.yaml and the Prefect flows run the same subcom
     flexo opt-out --model models/merged --exclude news --out DIR
     flexo attribute --model models/merged --text "…"          flexo status
     flexo serve --model models/merged-rt --port 8000
+    flexo --params configs/olmo2-7b.yaml plan --gpus 8 --gpu-mem 80     (memory, disk, time per stage; no run)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from flexo.threads import torch_threads  # noqa: E402
 COMMANDS = {"curate": "curate", "tokenizer": "tokenizer", "embed": "embed", "train-public": "train_public",
             "train-expert": "train_expert", "router-update": "router_update", "merge": "merge",
             "router-tune": "router_tune", "audit-extraction": "audit", "score": "score", "evaluate": "evaluate",
-            "opt-out": "optout", "attribute": "attribute", "status": "status", "serve": "serve"}
+            "opt-out": "optout", "attribute": "attribute", "status": "status", "serve": "serve", "plan": "plan"}
 STAGES = tuple(dict.fromkeys(COMMANDS.values()))
 _GLOBAL_VALUES = ("--root", "--params")  # the options before the subcommand that take a value
 

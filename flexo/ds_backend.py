@@ -15,6 +15,8 @@
 - Ranks: run as one process (distributed env defaults are set when no launcher did), or under a
   launcher (`deepspeed`, `torchrun`) as data parallel: each rank takes an equal slice of every batch,
   so a step sees the same batch and mean loss as a single process.
+- ZeRO stage 3 is refused (`ds_config`): the checkpoints below read ZeRO-1/2's flat optimizer partitions.
+  configs/deepspeed_zero3*.json serve `flexo plan` (flexo/plan.py) until this backend runs ZeRO-3.
 - Checkpoints: flexo's safetensors + JSON format (`flexo.training.save_checkpoint/load_checkpoint`),
   not DeepSpeed's pickle checkpoints. ZeRO-2 keeps AdamW's moments in flat fp32 partitions; they are
   exported per parameter (`deepspeed.utils.safe_get_full_optimizer_state`) in torch AdamW's
@@ -25,6 +27,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -48,8 +51,10 @@ from flexo.training import (
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "FLEXO_DEEPSPEED_CONFIG"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "deepspeed_zero2.json"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout holding configs/: params' config paths start here
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "deepspeed_zero2.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-element state (plus the scalar "step")
+MAX_ZERO_STAGE = 2  # the ZeRO stages this backend runs (`ZeroAdamState` reads ZeRO-1/2's optimizer internals)
 
 
 # ----------------------------------------------------------------------------------------- selection
@@ -101,16 +106,49 @@ def distributed_env() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
 
 
-def ds_config(tp: TrainParams, world_size: int, path: Path | None = None) -> dict:
-    """configs/deepspeed_zero2.json (or $FLEXO_DEEPSPEED_CONFIG) with its "auto" values filled from `tp`."""
-    path = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+def config_path(tp: TrainParams, path: Path | str | None = None) -> Path:
+    """The DeepSpeed config a run of `tp` uses: `path`, else `tp.deepspeed_config` (relative to the project
+    root), else $FLEXO_DEEPSPEED_CONFIG, else configs/deepspeed_zero2.json."""
+    if path:
+        return Path(path)
+    if tp.deepspeed_config:
+        return PROJECT_ROOT / tp.deepspeed_config  # an absolute path stays as it is
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def read_config(path: Path) -> dict:
+    """A DeepSpeed config file as written (its "auto" values unfilled), without its `_comment`."""
     if not path.is_file():
-        raise FlexoError(f"DeepSpeed config {path} is missing: restore configs/deepspeed_zero2.json or set ${CONFIG_ENV}")
+        raise FlexoError(f"DeepSpeed config {path} is missing: point deepspeed_config in params.yaml (or "
+                         f"${CONFIG_ENV}) at an existing file, or restore configs/deepspeed_zero2.json")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise FlexoError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization", {}), dict):
+        raise FlexoError(f"DeepSpeed config {path}: expected a JSON object with a zero_optimization object")
     cfg.pop("_comment", None)
+    return cfg
+
+
+def zero_stage(cfg: dict, path: Path) -> int:
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise FlexoError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
+
+
+def ds_config(tp: TrainParams, world_size: int, path: Path | None = None) -> dict:
+    """The DeepSpeed config of `tp` (`config_path`) with its "auto" values filled from `tp`."""
+    path = config_path(tp, path)
+    cfg = read_config(path)
+    stage = zero_stage(cfg, path)
+    if stage > MAX_ZERO_STAGE:
+        # ZeroAdamState and the unflattening after training read ZeRO-1/2's flat fp32 partitions
+        # (bit16_groups, single_partition_of_fp32_groups), which ZeRO-3's optimizer does not have.
+        raise FlexoError(f"DeepSpeed config {path}: zero_optimization.stage is {stage}, but flexo's "
+                         f"DeepSpeed backend runs ZeRO stage <= {MAX_ZERO_STAGE} (it checkpoints ZeRO-1/2's optimizer "
+                         "partitions): use configs/deepspeed_zero2.json (ZeRO-3 configs are for `flexo plan` for now)")
     if tp.batch_size % world_size:
         raise FlexoError(f"batch_size {tp.batch_size} must be divisible by the {world_size} DeepSpeed ranks")
     for section in ("bf16", "fp16"):
@@ -157,6 +195,11 @@ def build_engine(model, trainable, grad_masks, no_decay, tp):
     accel = get_accelerator()
     if not torch.distributed.is_initialized():
         backend = "gloo" if accel.device_name() == "cpu" else None
+        if backend == "gloo" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # One CPU rank reduces nothing: skip DeepSpeed's shared-memory allreduce op, whose JIT build (a C++
+            # compile, 1-4 min on 2 cores) would otherwise run on every fresh machine before the first step.
+            # (import_module: `import deepspeed.comm.torch as m` would bind the torch that deepspeed.comm re-exports)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     world = torch.distributed.get_world_size()
     device = torch.device(accel.current_device_name())

@@ -80,6 +80,9 @@ class TrainParams:
     checkpoint_every: int = num(50, 1)  # steps between resumable checkpoints
     eval_every: int = num(50, 1)  # steps between validation-loss measurements
     backend: Literal["auto", "torch", "deepspeed"] = "auto"  # auto = deepspeed when a GPU is there, else torch
+    # DeepSpeed config of the deepspeed backend, relative to the project root; "" = $FLEXO_DEEPSPEED_CONFIG,
+    # else configs/deepspeed_zero2.json (flexo/ds_backend.py `config_path`)
+    deepspeed_config: str = ""
     bf16: bool = True  # bf16 autocast (CPU and GPU)
     seed: int = num(0, 0, SEED_MAX)  # data order and initialisation
 
