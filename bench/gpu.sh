@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU device check: flexo's DeepSpeed ZeRO-2 bf16 owner training of a ~1.5B-parameter 2-expert FlexOlmo
 # (bench/gpu_train.py): tokens/s, MFU vs the H200's 790 TFLOP/s dense bf16 peak, peak memory, and that
-# the public parts stay bit-identical. Figures: $OUT/gpu_train.json, log: $OUT/gpu_train.log.
+# the public parts stay bit-identical; then the same at the OLMo-2 1B preset's shape with `flexo plan`'s
+# memory estimate beside the measured peak; then vLLM + lm-eval's vLLM backend (bench/gpu_serve.py, skipped
+# with its reason where they are not installed). Figures: $OUT/gpu_train*.json, $OUT/gpu_serve.json, log:
+# $OUT/gpu_train.log.
 #
 #   bash bench/gpu.sh [gpu_train.py options]      e.g. --steps 200 --max-seconds 240
 #   PYTHON=.venv/bin/python bash bench/gpu.sh --dry-run     (CPU check of the scripts)
@@ -60,8 +63,24 @@ import torch
 print("cuda", torch.version.cuda, "available", torch.cuda.is_available())
 EOF
 
+DRY=""; [[ " $* " == *" --dry-run "* ]] && DRY="--dry-run"   # the CPU check of the scripts runs each of them dry
 start=$(date +%s)
 "$PY" bench/gpu_train.py "$@" 2>&1 | grep -v --line-buffered 'step/s' | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 say "gpu_train.py exit $rc after $(( $(date +%s) - start )) s; figures in $OUT"
+
+# The OLMo-2 1B preset's expert training on one GPU (its shapes, its per-GPU micro-batch, random weights):
+# tokens/s, MFU and peak memory beside `flexo plan`'s estimate for the same run (planned_memory).
+if [ -z "${SKIP_PRESET:-}" ]; then
+  "$PY" bench/gpu_train.py $DRY --preset configs/olmo2-1b.yaml --steps 60 --max-seconds "${PRESET_SECONDS:-120}" 2>&1 \
+    | grep -v --line-buffered 'step/s' | tee -a "$LOG"
+  prc=${PIPESTATUS[0]}; [ "$rc" = 0 ] && rc=$prc
+  say "gpu_train.py --preset configs/olmo2-1b.yaml exit $prc"
+fi
+
+# A merged model through vLLM and lm-eval's vLLM backend (bench/gpu_serve.py): recorded as skipped, with the
+# reason, where vllm or lm-eval is not importable (this project's lent GPU image has neither).
+"$PY" bench/gpu_serve.py $DRY 2>&1 | tee -a "$LOG"
+src=${PIPESTATUS[0]}; [ "$rc" = 0 ] && rc=$src
+say "gpu_serve.py exit $src; all figures in $OUT after $(( $(date +%s) - start )) s"
 exit "$rc"

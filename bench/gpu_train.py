@@ -4,6 +4,8 @@ utilisation and writes the figures to $OUT/gpu_train.json (when OUT is set).
 
     python bench/gpu_train.py                 # on the GPU (run through bench/gpu.sh)
     python bench/gpu_train.py --dry-run       # tiny model, 2 steps, on CPU: checks the script itself
+    python bench/gpu_train.py --preset configs/olmo2-1b.yaml   # a preset's shapes and per-GPU micro-batch,
+                                              # peak memory beside `flexo plan`'s estimate for one GPU
 
 The model and the recipe are the pipeline's own pieces: `flexo.modeling.model_config/new_model` (the
 public model), `coupled_model` (expert 0 = public FFN, expert 1 = its copy, top-2 of 2),
@@ -62,7 +64,20 @@ def parse_args(argv=None):
                     help="auto = deepspeed when importable, else a plain PyTorch GPU loop")
     ap.add_argument("--experts-impl", default="eager", help="transformers experts implementation (pipeline: eager)")
     ap.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS)
+    ap.add_argument("--preset", type=Path, default=None,
+                    help="a params file (configs/olmo2-1b.yaml): its model shape, vocabulary, sequence length and "
+                         "train_expert.batch_size / --preset-gpus as the micro-batch; random weights (no checkpoint)")
+    ap.add_argument("--preset-gpus", type=int, default=8, help="the GPUs the preset's batch is shared by")
     args = ap.parse_args(argv)
+    args.params = None
+    if args.preset:
+        from flexo.params import load_params
+
+        args.params = load_params(args.preset)
+        m = args.params.model
+        args.hidden, args.layers, args.heads, args.intermediate = m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size
+        args.seq, args.vocab = m.max_seq_len, args.params.tokenizer.vocab_size
+        args.micro_batch = max(1, args.params.train_expert.batch_size // args.preset_gpus)
     if args.dry_run:
         args.steps, args.skip, args.micro_batch, args.seq = 2, 0, 2, 32
         args.hidden, args.layers, args.heads, args.intermediate, args.vocab = 64, 2, 4, 128, 512
@@ -196,6 +211,15 @@ def main(argv=None) -> int:
     except Exception as e:  # FlexoError: report it in the figures, do not hide the throughput
         identical, losses["public_parts_error"] = False, str(e)
 
+    planned = None
+    if args.params is not None:  # flexo plan's estimate of this very run: one GPU, this micro-batch
+        from flexo.plan import Zero, expert_training, model_shape
+
+        shape, _ = model_shape(args.params)
+        t = expert_training(args.params, shape)
+        mem = t.memory(Zero.of(t.tp), 1, args.micro_batch)
+        planned = {"preset": str(args.preset), "states_gib": round(mem.states / 2**30, 2),
+                   "activations_gib": round(mem.activations / 2**30, 2), "gpu_gib": round(mem.gpu / 2**30, 2)}
     durations = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
     timed = durations[args.skip:] or durations
     tokens_per_step = args.micro_batch * args.seq
@@ -224,6 +248,7 @@ def main(argv=None) -> int:
         "recipe_mfu": round(tok_s * flops["flops_per_token_recipe"] / (args.peak_tflops * 1e12), 4),
         "peak_tflops": args.peak_tflops,
         "peak_memory_gib": round(peak_mem, 2) if peak_mem is not None else None,
+        "planned_memory": planned,
         "public_parts_bit_identical": identical,
         "build_s": round(built, 1),
         "wall_s": round(time.time() - started, 1),
@@ -236,7 +261,8 @@ def main(argv=None) -> int:
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / ("gpu_train_dry.json" if args.dry_run else "gpu_train.json")).write_text(json.dumps(figures, indent=2))
+        name = "gpu_train" + (f"-{args.preset.stem}" if args.preset else "") + ("_dry" if args.dry_run else "")
+        (Path(out) / f"{name}.json").write_text(json.dumps(figures, indent=2))
     return 0 if identical else 1
 
 

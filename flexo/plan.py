@@ -348,12 +348,18 @@ def public_row(params: Params, shape: Shape, hw: Hardware) -> Row:
                         "public model, all weights trainable", disk)
 
 
-def expert_row(params: Params, shape: Shape, hw: Hardware) -> Row:
-    tp, seq = params.train_expert, params.model.max_seq_len
+def expert_training(params: Params, shape: Shape) -> Training:
+    """An owner's expert training as the planner sees it (also what bench/gpu_train.py compares its peak
+    memory with)."""
     # the optimizer holds the fused tensors of both experts and both router rows (expert 0 masked)
     # the public model stays on each rank's CPU for the bit-identity check after training
-    t = Training("train_expert", tp, shape, experts=2, top_k=2, seq=seq, kept_on_cpu=WEIGHT_BYTES * shape.params(1),
-                 trainable=2 * (shape.expert + shape.hidden * shape.layers))
+    return Training("train_expert", params.train_expert, shape, experts=2, top_k=2, seq=params.model.max_seq_len,
+                    kept_on_cpu=WEIGHT_BYTES * shape.params(1), trainable=2 * (shape.expert + shape.hidden * shape.layers))
+
+
+def expert_row(params: Params, shape: Shape, hw: Hardware) -> Row:
+    tp, seq = params.train_expert, params.model.max_seq_len
+    t = expert_training(params, shape)
     public_rows = min(tp.batch_size - 1, round(tp.batch_size * tp.public_mix))  # as flexo.training.Batches
     own_share = (tp.batch_size - public_rows) / tp.batch_size
     disk = {"model/": WEIGHT_BYTES * shape.params(2),
