@@ -61,7 +61,7 @@ def write_checkpoint(folder: Path, h: int, layers: int, inter: int, vocab: int) 
     from safetensors.torch import save_file
     from transformers import Olmo2Config
 
-    from tests.flexo.test_checkpoint import own_tokenizer
+    from tests.conftest import own_tokenizer
 
     folder.mkdir(parents=True)
     tok = own_tokenizer()

@@ -355,3 +355,50 @@ def owner_clone(remote: Path, dst: Path, tiny, owner: str) -> Path:
     shutil.rmtree(dst / "data" / "owners" / owner)
     shutil.copytree(tiny.owner_inbox(owner), dst / "data" / "owners" / owner)
     return dst
+
+
+# ------------------------------------------------------------------- checkpoints from outside flexo
+# The checkpoints' shapes: params.yaml's `model` section must say the same (flexo/checkpoint.py SAME).
+SHAPES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=48, rms_norm_eps=1e-5, max_position_embeddings=512,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+VOCAB = 640  # the embedding has more rows than the tokenizer has tokens, as OLMo-2's (100352 vs 100278)
+
+
+def own_tokenizer():
+    """A tokenizer unlike flexo's: its own vocabulary (Metaspace BPE), `</s>` as EOS, `<pad>` as pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "</s>", "<pad>"],
+                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789"))
+    bpe.train_from_iterator(prose_documents()[:200], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def write_checkpoint(folder: Path, kind: str, dtype=None, tok=None, **config) -> Path:
+    """A tiny random `Olmo2ForCausalLM` (kind olmo2) or 3-expert `FlexOlmoForCausalLM` (flex_olmo) saved with its
+    own tokenizer, as a user's downloaded checkpoint folder is (flexo/checkpoint.py's input)."""
+    import torch
+    from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM
+
+    dtype = dtype or torch.float32
+    torch.manual_seed(0)
+    tok = tok or own_tokenizer()
+    ids = dict(vocab_size=VOCAB, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+               bos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    if kind == "olmo2":
+        model = Olmo2ForCausalLM(Olmo2Config(**{**SHAPES, **ids, **config}))
+    else:
+        model = FlexOlmoForCausalLM(FlexOlmoConfig(**{**SHAPES, **ids, "num_experts": 3, "num_experts_per_tok": 2,
+                                                      **config}))
+        with torch.no_grad():  # different experts, so masking them is visible
+            for layer in model.model.layers:
+                layer.mlp.experts.gate_up_proj.normal_(0, 0.2)
+                layer.mlp.experts.down_proj.normal_(0, 0.2)
+    model.to(dtype).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

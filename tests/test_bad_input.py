@@ -30,7 +30,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, cli_env, copy_project, edit_manifest, edit_package, flexo_command, rehash, run_cli
+from conftest import (
+    REPO, cli_env, copy_project, edit_manifest, edit_package, flexo_command, rehash, run_cli, write_checkpoint,
+)
 from flexo.fsutil import sha256_file
 from flexo.layout import Layout
 
@@ -120,6 +122,20 @@ def _dp_case(dp: dict, **train_expert):
 
         write_params(layout, edit)
         return ["train-expert", "--owner", "beta"]
+
+    return setup
+
+
+def _init_from(pickle: bool):
+    """params.yaml's model.init_from naming a tiny OLMo-2 checkpoint whose heads differ from model.num_heads
+    (or the same folder holding a pickle instead of safetensors); runs the tokenizer stage."""
+    def setup(layout, tmp):
+        ckpt = write_checkpoint(tmp / "olmo2", "olmo2")
+        if pickle:
+            (ckpt / "model.safetensors").unlink()
+            (ckpt / "pytorch_model.bin").write_bytes(b"not unpickled")
+        write_params(layout, lambda raw: raw["model"].update(init_from=str(ckpt)))
+        return ["tokenizer"]
 
     return setup
 
@@ -579,6 +595,12 @@ CASES += [
          _dp_case({"epsilon": 8, "delta": 1e-3}, backend="deepspeed"), EXPERT_BETA, "DeepSpeed backend"),
     Case("dp-owner-unknown", "`train_expert.dp.owners: [gamma]`, not an owner",
          _dp_case({"epsilon": 8, "owners": ["gamma"]}), EXPERT_BETA, "not in owners"),
+    Case("init-from-shape", "`model.init_from` names an OLMo-2 checkpoint whose heads differ from `model.num_heads`",
+         _init_from(pickle=False), lambda L, t: [L.tokenizer], "set model.num_heads: 4"),
+    Case("init-from-pickle", "`model.init_from` names a folder with `pytorch_model.bin` and no safetensors",
+         _init_from(pickle=True), lambda L, t: [L.tokenizer], "pickle checkpoints"),
+    Case("plan-does-not-fit", "`flexo plan` for GPUs of 0.0001 GB",
+         lambda L, t: ["plan", "--gpu-mem", "0.0001"], lambda L, t: [L.results], "does not fit"),
     Case("serve-no-model", "`flexo serve --model` naming a folder that does not exist",
          lambda L, t: ["serve", "--model", str(t / "nowhere"), "--port", "0"], lambda L, t: [L.results],
          "not a model folder"),

@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerFast,
-)
+from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
 
 from flexo.errors import FlexoError
 from flexo.layout import Layout
@@ -21,45 +18,10 @@ from flexo.modeling import load_model, read_meta
 from flexo.params import load_params
 from flexo.routers import runtime_opt_out
 from flexo.weights import read_header
-from tests.conftest import TINY_PARAMS, make_tiny_project, prose_documents, public_documents
+from conftest import TINY_PARAMS, VOCAB, make_tiny_project, public_documents, write_checkpoint
 
-# The checkpoints' shapes: params.yaml's `model` section must say the same (flexo/checkpoint.py SAME).
-SHAPES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=48, rms_norm_eps=1e-5, max_position_embeddings=512,
-              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 MODEL_PARAMS = ("model: {init_from: %s, hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 48, "
                 "max_seq_len: 64, rms_norm_eps: 1.0e-5, rope_theta: 10000.0}")
-VOCAB = 640  # the embedding has more rows than the tokenizer has tokens, as OLMo-2's (100352 vs 100278)
-
-
-def own_tokenizer() -> PreTrainedTokenizerFast:
-    """A tokenizer unlike flexo's: its own vocabulary (Metaspace BPE), `</s>` as EOS, `<pad>` as pad."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
-    bpe.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "</s>", "<pad>"],
-                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789"))
-    bpe.train_from_iterator(prose_documents()[:200], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-
-
-def write_checkpoint(folder: Path, kind: str, dtype: torch.dtype = torch.float32, tok=None, **config) -> Path:
-    torch.manual_seed(0)
-    tok = tok or own_tokenizer()
-    ids = dict(vocab_size=VOCAB, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-               bos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    if kind == "olmo2":
-        model = Olmo2ForCausalLM(Olmo2Config(**{**SHAPES, **ids, **config}))
-    else:
-        model = FlexOlmoForCausalLM(FlexOlmoConfig(**{**SHAPES, **ids, "num_experts": 3, "num_experts_per_tok": 2,
-                                                      **config}))
-        with torch.no_grad():  # different experts, so masking them is visible
-            for layer in model.model.layers:
-                layer.mlp.experts.gate_up_proj.normal_(0, 0.2)
-                layer.mlp.experts.down_proj.normal_(0, 0.2)
-    model.to(dtype).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def project_from(root: Path, checkpoint: Path, extra: str = "") -> Layout:
