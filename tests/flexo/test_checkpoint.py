@@ -66,14 +66,12 @@ def dense(tmp_path_factory):
     return ckpt, layout, params, meta
 
 
-def test_dense_olmo2_converts_to_the_same_function(tmp_path):
-    ckpt = write_checkpoint(tmp_path / "olmo2", "olmo2")
-    layout = project_from(tmp_path / "project", ckpt)
-    build_public(layout)
-    source = Olmo2ForCausalLM.from_pretrained(ckpt).eval()
+def test_dense_olmo2_converts_to_the_same_function(dense):
+    """The converted bf16 model (loaded in fp32, as the stages load it) computes the checkpoint's function."""
+    ckpt, layout, _, _ = dense
+    source = Olmo2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     ours = load_model(layout.public_model)
     assert ours.config.num_experts == 1 and ours.config.vocab_size == VOCAB
-    assert torch.allclose(logits(ours, IDS), logits(source, IDS), atol=1e-5, rtol=0)
     assert (logits(ours, IDS) - logits(source, IDS)).abs().max() <= 1e-5
 
 
