@@ -18,6 +18,7 @@ each preset's, side by side, under the prediction that was written before the fi
 from __future__ import annotations
 
 import argparse
+import re
 import hashlib
 import json
 import os
@@ -193,7 +194,9 @@ def summary(name: str) -> dict:
         "model": params["model"], "curate": params["curate"], "epochs": params["train_public"]["epochs"],
         "avg": avg, "gain": gain, "share": {m: (v - avg["oracle"]) / gain for m, v in avg.items()},
         "domains": {m: metrics[m] for m in ("public", "flexolmo", "flexolmo-rt", "btm")},
-        "ceiling": {r["what"]: r["bpb"]["avg"] for r in ceiling["rows"]},
+        # "layer 1,2,3 only" at 4 layers is "layer 1,2,3,4 only" at 5: one row, "every layer but 0"
+        "ceiling": {re.sub(r"in layer 1(,\d+)+ only", "in every layer but 0", r["what"]): r["bpb"]["avg"]
+                    for r in ceiling["rows"]},
         "separability": {int(k): sum(v["test"]) / len(v["test"]) for k, v in ceiling["separability"].items()},
         "wall": json.loads((d / "wall.json").read_text()) if (d / "wall.json").is_file() else None,
     }
@@ -212,6 +215,7 @@ def render() -> None:
     S = {n: summary(n) for n in names}
     page = (ROOT / "docs" / "scale.md").read_text()
     keep = page.split("\n## Result", 1)[0].rstrip() + "\n"
+    reading = "\n## Reading" + page.split("\n## Reading", 1)[1] if "\n## Reading" in page else ""  # written by hand
     col = " | ".join(names)
     lines = ["", f"## Result (rendered {datetime.now(timezone.utc).date()}, `experiments/scale.py render`)", "",
              f"| | {col} |", "|---|" + "---:|" * len(names),
@@ -245,7 +249,7 @@ def render() -> None:
                      f"{100 * iv[n][f'change:{k}']['ci95'][1]:+.1f}]" for k in ("share:flexolmo", "share:flexolmo-rt")]
             lines.append(f"| change {names[0]} → {n} ({'paired' if iv[n]['change:share:flexolmo']['paired'] else 'independent'}) | | "
                          + " | ".join(cells) + " |")
-    (ROOT / "docs" / "scale.md").write_text(keep + "\n".join(lines) + "\n")
+    (ROOT / "docs" / "scale.md").write_text(keep + "\n".join(lines) + "\n" + reading)
     print("\n".join(lines))
 
 
