@@ -1,4 +1,5 @@
-"""The baselines FlexOlmo is compared with (paper Tables 1–2): a model soup and a BTM ensemble.
+"""The baselines FlexOlmo is compared with (paper Tables 1–2): a model soup, a BTM ensemble, and routed
+variants of both.
 
 **Model soup** (:func:`model_soup`): the uniform (or weighted) average of every expert's FFN — the
 public expert and each owner's expert, read from the owner's expert package (or from its 2-expert
@@ -18,11 +19,17 @@ exactly the rolling windows lm-eval's HF backend uses (`get_rolling_token_window
 earlier token of the document, whichever window scored it: bits-per-byte is comparable with
 `HFLM`'s. For `loglikelihood` (multiple-choice tasks) the context is the text so far: the weights of
 the first continuation token are the posterior after the context (as it fits in the model's window).
+`generate_until` decodes the same mixture greedily, each member on its own KV cache. BTM's top-k
+variant (`top_k`, `prefix_tokens`) keeps only the k members with the highest posterior after a prefix.
 
 Members, as flexo's evaluate stage builds it: the public model **and** every owner's own model. The
 public model is included so that the ensemble covers the same experts as the merged FlexOlmo model
 (public + owners) and has a member that was trained for public text; each owner's model already holds
 the public FFN, but mixed with its own expert by a router trained on the owner's text.
+
+**Routed** (:class:`RoutedLM`, ``flexo-routed``): a caller's classifier of a document's first tokens
+picks one member for the whole document (the paper's prompt routing), or weights a soup of the
+members' FFNs per document (BTM's weighted parameter average). Same windows as the HF backend.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +92,36 @@ def _owner_ffn(source: Path, public_fp: str | None, num_layers: int):
     return _expert_ffn_from_model(model, 1)
 
 
+def soup_base(public_model):
+    """A 1-expert copy of the public model: the frame every soup fills with an averaged FFN."""
+    if public_model.config.num_experts != 1:
+        raise FlexoError(f"the public model must have 1 expert, it has {public_model.config.num_experts}")
+    soup = new_model(with_experts(public_model.config, 1, 1))
+    soup.load_state_dict(public_model.state_dict())
+    return soup.to(next(public_model.parameters()).device).eval()
+
+
+@torch.no_grad()
+def set_soup_ffn(soup, ffns: Sequence[list[tuple[torch.Tensor, torch.Tensor]]], weights: Sequence[float]):
+    """Write Σ_j w_j · FFN_j (weights normalised to sum 1) into the 1-expert `soup` in place; return it.
+
+    In memory and repeatable: a routed weighted soup (:class:`RoutedLM`) rebuilds only this average for
+    every document, from FFN lists read once. `ffns`: per source, [(gate_up [2I, H], down [H, I]) per layer].
+    """
+    weights = [float(x) for x in weights]
+    if len(weights) != len(ffns) or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise FlexoError(f"soup weights {weights} must be {len(ffns)} non-negative numbers (public first)")
+    w = [x / sum(weights) for x in weights]
+    for i, layer in enumerate(soup.model.layers):
+        gu = sum(wj * f[i][0].float() for wj, f in zip(w, ffns))
+        down = sum(wj * f[i][1].float() for wj, f in zip(w, ffns))
+        if gu.shape != layer.mlp.experts.gate_up_proj[0].shape or down.shape != layer.mlp.experts.down_proj[0].shape:
+            raise FlexoError(f"layer {i}: an expert's FFN shape differs from the public model's: retrain it")
+        layer.mlp.experts.gate_up_proj[0].copy_(gu)
+        layer.mlp.experts.down_proj[0].copy_(down)
+    return soup
+
+
 @torch.no_grad()
 def model_soup(public: Path | Any, experts: Sequence[Path], *, weights: Sequence[float] | None = None):
     """A 1-expert model whose FFN is the average of the public FFN and every owner's expert FFN.
@@ -103,40 +140,42 @@ def model_soup(public: Path | Any, experts: Sequence[Path], *, weights: Sequence
         raise FlexoError(f"the public model must have 1 expert, it has {public_model.config.num_experts}")
     n_layers = public_model.config.num_hidden_layers
     ffns = [_expert_ffn_from_model(public_model, 0)] + [_owner_ffn(e, public_fp, n_layers) for e in experts]
-    if weights is None:
-        weights = [1.0] * len(ffns)
-    if len(weights) != len(ffns) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise FlexoError(f"soup weights {list(weights)} must be {len(ffns)} non-negative numbers (public first)")
-    w = [float(x) / float(sum(weights)) for x in weights]
-
-    soup = new_model(with_experts(public_model.config, 1, 1))
-    soup.load_state_dict(public_model.state_dict())
-    for i, layer in enumerate(soup.model.layers):
-        gu = sum(wj * f[i][0].float() for wj, f in zip(w, ffns))
-        down = sum(wj * f[i][1].float() for wj, f in zip(w, ffns))
-        if gu.shape != layer.mlp.experts.gate_up_proj[0].shape or down.shape != layer.mlp.experts.down_proj[0].shape:
-            raise FlexoError(f"layer {i}: an expert's FFN shape differs from the public model's: retrain it")
-        layer.mlp.experts.gate_up_proj[0].copy_(gu)
-        layer.mlp.experts.down_proj[0].copy_(down)
-    return soup.eval()
+    return set_soup_ffn(soup_base(public_model), ffns, [1.0] * len(ffns) if weights is None else weights)
 
 
 # ---------------------------------------------------------------------------------------------- BTM
 
 
-def mixture_log_weights(member_logprobs: torch.Tensor) -> torch.Tensor:
-    """log w_{i,t} = log softmax_i(Σ_{s<t} log p_i(x_s | x_<s)) from [M, T] log-probs (uniform at t = 0)."""
+def top_members(log_likelihoods: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the `k` members with the highest log-likelihood so far (ties: the earlier member)."""
+    keep = torch.zeros(log_likelihoods.shape[0], dtype=torch.bool)
+    keep[torch.sort(log_likelihoods.cpu(), descending=True, stable=True).indices[:k]] = True
+    return keep.to(log_likelihoods.device)
+
+
+def mixture_log_weights(member_logprobs: torch.Tensor, *, top_k: int = 0, prefix_tokens: int = 0) -> torch.Tensor:
+    """log w_{i,t} = log softmax_i(Σ_{s<t} log p_i(x_s | x_<s)) from [M, T] log-probs (uniform at t = 0).
+
+    `top_k` (0 = all): from t = `prefix_tokens` on, only the `top_k` members with the highest posterior
+    at that point keep weight (log w = −inf for the others), renormalised over them and still updated
+    token by token.
+    """
     lp = member_logprobs.double()
     so_far = torch.cumsum(lp, dim=1) - lp  # log p_i(x_<t): exclusive prefix sums
+    if 0 < top_k < lp.shape[0] and prefix_tokens < lp.shape[1]:
+        dropped = ~top_members(so_far[:, prefix_tokens], top_k)
+        so_far[dropped, prefix_tokens:] = -math.inf
     return so_far - torch.logsumexp(so_far, dim=0, keepdim=True)
 
 
-def mixture_logprobs(member_logprobs: torch.Tensor) -> torch.Tensor:
+def mixture_logprobs(member_logprobs: torch.Tensor, *, top_k: int = 0, prefix_tokens: int = 0) -> torch.Tensor:
     """log p_mix(x_t | x_<t) = log Σ_i w_{i,t} p_i(x_t | x_<t) for t = 0..T−1 from members' [M, T] log-probs.
 
-    w_{·,t} = softmax_i(−NLL_i(x_<t)), uniform at t = 0; float64 throughout.
+    w_{·,t} = softmax_i(−NLL_i(x_<t)), uniform at t = 0; float64 throughout. `top_k`, `prefix_tokens`:
+    as :func:`mixture_log_weights`.
     """
-    return torch.logsumexp(mixture_log_weights(member_logprobs) + member_logprobs.double(), dim=0)
+    log_w = mixture_log_weights(member_logprobs, top_k=top_k, prefix_tokens=prefix_tokens)
+    return torch.logsumexp(log_w + member_logprobs.double(), dim=0)
 
 
 def _register(name: str):
@@ -150,24 +189,31 @@ def _register(name: str):
     return decorate
 
 
-@_register("flexo-btm")
-class BTMLM(TemplateLM):
-    """lm-eval model `flexo-btm`: a posterior-weighted ensemble of causal LMs sharing one tokenizer.
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend's default
 
-    `members`: model folders or loaded models (a string is split on `os.pathsep`, for
-    `--model_args members=a:b:c`); `tokenizer`: instance or folder (default: the first member folder's).
+
+class _MembersLM(TemplateLM):
+    """What BTM and the routed baselines share: member models over one tokenizer, HFLM's tokenisation and
+    rolling windows, batched scoring, and greedy decoding of a posterior mixture (one member: plain greedy).
+
+    A subclass says which members answer which request through :meth:`_assign`; everything else (windows,
+    truncation, the mixture, stop strings) is here once, so every baseline scores exactly as lm-eval's HF
+    backend would.
     """
 
-    def __init__(self, members: Any, tokenizer: Any = None, names: Sequence[str] | None = None,
-                 batch_size: int | str = 8, max_length: int | str = 256, device: str | None = None,
-                 max_batch_size: int | None = None) -> None:  # max_batch_size: lm-eval passes it; unused
+    kind = "flexo-members"  # the lm-eval model name, for messages
+    mix_top_k = 0  # BTM top-k: how many members the mixture keeps after the prefix (0 = all)
+    prefix_tokens = 32
+
+    def __init__(self, members: Any, tokenizer: Any, names: Sequence[str] | None, batch_size: int | str,
+                 max_length: int | str, device: str | None) -> None:
         super().__init__()
         from flexo.evaluation import default_device, load_tokenizer_for
 
         if isinstance(members, (str, os.PathLike)):
             members = [m for m in str(members).split(os.pathsep) if m]
         if not members:
-            raise FlexoError("flexo-btm needs at least one member model")
+            raise FlexoError(f"{self.kind} needs at least one member model")
         self._device = torch.device(device or default_device())
         self.models = []
         first_dir = None
@@ -177,24 +223,23 @@ class BTMLM(TemplateLM):
                 m = load_model(Path(m))
             self.models.append(m.to(self._device).eval())
         self.names = list(names) if names is not None else [f"member{i}" for i in range(len(self.models))]
+        if len(self.names) != len(self.models):
+            raise FlexoError(f"{self.kind}: {len(self.names)} names {self.names} for {len(self.models)} members: "
+                             "give one name per member")
         if tokenizer is None:
             if first_dir is None:
-                raise FlexoError("flexo-btm needs a tokenizer for in-memory member models")
+                raise FlexoError(f"{self.kind} needs a tokenizer for in-memory member models")
             tokenizer = load_tokenizer_for(first_dir)
         elif isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer_for(Path(tokenizer))
         self.tokenizer = tokenizer
         vocab = {m.config.vocab_size for m in self.models}
         if len(vocab) != 1:
-            raise FlexoError(f"flexo-btm members disagree on the vocabulary size {sorted(vocab)}: "
+            raise FlexoError(f"{self.kind} members disagree on the vocabulary size {sorted(vocab)}: "
                              "they must share a tokenizer")
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_token_id
-        # Every member's own total log-likelihood of each document scored by `loglikelihood_rolling`:
-        # the ensemble needs each member's forward pass anyway, so `member_lm(name)` serves the member's
-        # own row of a results table from it instead of running the member a second time.
-        self.member_rolling: dict[str, dict[str, float]] = {n: {} for n in self.names}
 
     # -------------------------------------------------------------------------- tokenisation (as HFLM)
     @property
@@ -216,22 +261,21 @@ class BTMLM(TemplateLM):
             kw = {"add_special_tokens": False}
         return self.tokenizer.encode(string, **kw)
 
-    def get_model_info(self) -> dict:
-        return {"btm_members": self.names, "btm_max_length": self.max_length}
-
     # ------------------------------------------------------------------------------ member scoring
     @torch.no_grad()
-    def _member_scores(self, windows: list[list[int]], dist_last: Sequence[int] | None = None):
-        """For every member, each window's target log-probs.
+    def _member_scores(self, windows: list[list[int]], dist_last: Sequence[int] | None = None,
+                       models: Sequence[Any] | None = None):
+        """For every member (`models`, default all), each window's target log-probs.
 
         A window is `tokens` (≤ max_length + 1): the model reads tokens[:-1] and is scored on
         tokens[1:]. Returns [member][window] → 1-D float tensor of len(tokens) − 1, and, when
         `dist_last` gives a count per window, [member][window] → log-softmax rows [k, V] of the last k
         positions (for the greedy check).
         """
+        models = self.models if models is None else models
         order = sorted(range(len(windows)), key=lambda j: -len(windows[j]))
-        lps = [[None] * len(windows) for _ in self.models]
-        dists = [[None] * len(windows) for _ in self.models] if dist_last is not None else None
+        lps = [[None] * len(windows) for _ in models]
+        dists = [[None] * len(windows) for _ in models] if dist_last is not None else None
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             width = len(windows[idx[0]]) - 1
@@ -242,7 +286,7 @@ class BTMLM(TemplateLM):
                 inp[r, :len(toks) - 1] = torch.tensor(toks[:-1])
                 tgt[r, :len(toks) - 1] = torch.tensor(toks[1:])
             inp, tgt = inp.to(self._device), tgt.to(self._device)
-            for mi, model in enumerate(self.models):
+            for mi, model in enumerate(models):
                 logp = F.log_softmax(model(inp).logits.float(), dim=-1)  # right padding: causal, unaffected
                 picked = logp.gather(-1, tgt[..., None])[..., 0]
                 for r, j in enumerate(idx):
@@ -253,64 +297,196 @@ class BTMLM(TemplateLM):
                         dists[mi][j] = logp[r, n - k:n].cpu()
         return lps, dists
 
+    def _assign(self, keys: list[str], route_ids: list[list[int]]):
+        """Yield (member models, request indices) groups: which members answer which requests.
+
+        `keys`: each request's text (its document or context), `route_ids`: the tokens a router may read.
+        A group must be used before the next is asked for (a routed soup rewrites its model in place).
+        """
+        yield self.models, list(range(len(keys)))
+
+    def _record_rolling(self, document: str, models: Sequence[Any], member_lp: torch.Tensor) -> None:
+        """Called with every document's [members, tokens] log-probs (BTM keeps each member's total)."""
+
     # ----------------------------------------------------------------------------- lm-eval requests
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         windows, conts = [], []
         for _, context_enc, continuation_enc in requests:
             if not context_enc or not continuation_enc:
-                raise FlexoError("flexo-btm: empty context or continuation encoding")
-            toks = (context_enc + continuation_enc)[-(self.max_length + 1):]  # HFLM's left truncation
-            windows.append(toks)
-            conts.append(len(continuation_enc))
-        lps, dists = self._member_scores(windows, dist_last=conts)
-        out = []
-        for j, k in enumerate(conts):
-            members = range(len(self.models))
-            member_lp = torch.stack([lps[mi][j] for mi in members])  # [M, T]
-            mix = mixture_logprobs(member_lp)
-            # greedy: the mixture's argmax over the vocabulary at each continuation position
-            log_w = mixture_log_weights(member_lp)[:, -k:]  # [M, k]
-            member_dist = torch.stack([dists[mi][j] for mi in members]).double()  # [M, k, V]
-            mix_dist = torch.logsumexp(log_w[..., None] + member_dist, dim=0)
-            greedy = bool((mix_dist.argmax(-1) == torch.tensor(windows[j][-k:])).all())
-            out.append((float(mix[-k:].sum()), greedy))
-            self.cache_hook.add_partial("loglikelihood", requests[j][0], out[-1])
+                raise FlexoError(f"{self.kind}: empty context or continuation encoding")
+            windows.append((context_enc + continuation_enc)[-(self.max_length + 1):])  # HFLM's left truncation
+            conts.append(min(len(continuation_enc), len(windows[-1]) - 1))  # what of it fits in the window
+        out: list = [None] * len(requests)
+        keys = [req[0][0] if isinstance(req[0], tuple) else str(req[0]) for req in requests]  # the contexts
+        for models, rows in self._assign(keys, [req[1] for req in requests]):
+            lps, dists = self._member_scores([windows[j] for j in rows], dist_last=[conts[j] for j in rows],
+                                             models=models)
+            for r, j in enumerate(rows):
+                k = conts[j]
+                member_lp = torch.stack([lp[r] for lp in lps])  # [M, T]
+                # the posterior after the context picks BTM's top-k for the whole continuation
+                log_w = mixture_log_weights(member_lp, top_k=self.mix_top_k, prefix_tokens=member_lp.shape[1] - k)
+                mix = torch.logsumexp(log_w + member_lp, dim=0)
+                # greedy: the mixture's argmax over the vocabulary at each continuation position
+                member_dist = torch.stack([d[r] for d in dists]).double()  # [M, k, V]
+                mix_dist = torch.logsumexp(log_w[:, -k:, None] + member_dist, dim=0)
+                greedy = bool((mix_dist.argmax(-1) == torch.tensor(windows[j][-k:])).all())
+                out[j] = (float(mix[-k:].sum()), greedy)
+        for req, res in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood", req[0], res)
         return out
+
+    def _windows_of(self, tokens: list[int]) -> list[tuple[list[int], int]]:
+        from lm_eval import utils
+
+        pairs = map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+            token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1))
+        return [((ctx + cont)[-(self.max_length + 1):], len(cont)) for ctx, cont in pairs]
 
     def rolling_windows(self, string: str) -> list[tuple[list[int], int]]:
         """The windows lm-eval's HF backend scores for one document: (tokens, n_scored) pairs.
 
         HFLM reads (ctx + cont)[-(max_length + 1):][:-1] and scores the last len(cont) positions.
         """
-        from lm_eval import utils
-
-        pairs = map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-            token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-            max_seq_len=self.max_length, context_len=1))
-        return [((ctx + cont)[-(self.max_length + 1):], len(cont)) for ctx, cont in pairs]
+        return self._windows_of(self.tok_encode(string))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        per_doc = [self.rolling_windows(req.args[0]) for req in requests]
-        flat = [tokens for ws in per_doc for tokens, _ in ws]
-        lps, _ = self._member_scores(flat)
-        out, first = [], 0
-        for ws, req in zip(per_doc, requests):
-            # every token of the document is scored exactly once, in order: the windows' scored tails
-            empty = [torch.zeros(0, dtype=torch.float64)]
-            member_lp = torch.stack([
-                torch.cat([lps[mi][first + w][-n:] for w, (_, n) in enumerate(ws)] or empty)
-                for mi in range(len(self.models))
-            ])
-            first += len(ws)
-            for name, lp in zip(self.names, member_lp):
-                self.member_rolling[name][req.args[0]] = float(lp.sum())
-            total = float(mixture_logprobs(member_lp).sum())
-            out.append(total)
+        docs = [req.args[0] for req in requests]
+        tokens = [self.tok_encode(d) for d in docs]
+        out: list = [None] * len(requests)
+        for models, rows in self._assign(docs, [t[:self.prefix_tokens] for t in tokens]):
+            per_doc = [self._windows_of(tokens[j]) for j in rows]
+            lps, _ = self._member_scores([w for ws in per_doc for w, _ in ws], models=models)
+            first = 0
+            for ws, j in zip(per_doc, rows):
+                # every token of the document is scored exactly once, in order: the windows' scored tails
+                empty = [torch.zeros(0, dtype=torch.float64)]
+                member_lp = torch.stack([torch.cat([lp[first + w][-n:] for w, (_, n) in enumerate(ws)] or empty)
+                                         for lp in lps])
+                first += len(ws)
+                self._record_rolling(docs[j], models, member_lp)
+                out[j] = float(mixture_logprobs(member_lp, top_k=self.mix_top_k,
+                                                prefix_tokens=self.prefix_tokens).sum())
+        for req, total in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return out
 
+    # ---------------------------------------------------------------------------------- generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        raise NotImplementedError("flexo-btm scores likelihoods only (perplexity and multiple-choice tasks)")
+        """Greedy continuations, as lm-eval's HF backend makes them, one request at a time.
+
+        gen_kwargs as lm-eval passes them: `until` (str or list; the EOS text is added, as HFLM does),
+        `max_gen_toks` (default 256) and its aliases, `do_sample`/`temperature` (sampling is refused).
+        The context is left-truncated to max_length − max_gen_toks tokens, as HFLM does; where HFLM would
+        refuse (max_gen_toks ≥ max_length) at most max_length // 2 tokens are generated instead, so a
+        task's long default budget does not cut the prompt to nothing. An empty context is the prefix
+        (BOS/EOS) token. The text is cut before the first stop string (HFLM's post-processing).
+        """
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        eos = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
+        out = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs or {}), DEFAULT_MAX_GEN_TOKS)
+            if kwargs["do_sample"] and float(kwargs["temperature"]) > 0:
+                raise FlexoError(f"{self.kind} generation is greedy: got do_sample=True, temperature="
+                                 f"{kwargs['temperature']}; set do_sample=False (or temperature=0)")
+            until = handle_stop_sequences(list(kwargs["until"]), eos=eos)
+            n_new = kwargs["max_gen_toks"] if kwargs["max_gen_toks"] < self.max_length else max(1, self.max_length // 2)
+            ids = self.tok_encode(context) or [self.prefix_token_id]
+            ((models, _),) = self._assign([context], [ids])
+            generated = self._greedy(models, ids, n_new, until, top_k=self.mix_top_k)
+            text = postprocess_generated_text(self.tokenizer.decode(generated, skip_special_tokens=True), until, None)
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return out
+
+    @torch.no_grad()
+    def _greedy(self, models: Sequence[Any], context: list[int], max_new: int, stop: Sequence[str],
+                top_k: int = 0) -> list[int]:
+        """Greedy decoding of the posterior mixture of `models` after `context`: the generated token ids.
+
+        Each member reads the context once into its own KV cache; the posterior starts from the members'
+        likelihoods of the context (its first token unscored: uniform before it), and after each chosen
+        token every member's log w grows by its log-prob of that token. `top_k` (0 = all): only the k
+        members with the highest posterior after the context run on (the others are dropped, not run).
+        Stops at EOS (not returned), after `max_new` tokens, or once a stop string is in the decoded text.
+        """
+        from transformers import DynamicCache
+
+        if max_new <= 0:
+            return []
+        inp = torch.tensor([context[-max(1, self.max_length - max_new):]], device=self._device)
+        caches = [DynamicCache(config=m.config) for m in models]
+        last, loglik = [], []
+        for model, cache in zip(models, caches):
+            logp = F.log_softmax(model(inp, cache=cache, use_cache=True).logits[0].float(), dim=-1).double()
+            loglik.append(logp[:-1].gather(-1, inp[0, 1:, None]).sum())
+            last.append(logp[-1])
+        loglik = torch.stack(loglik)
+        keep = top_members(loglik, top_k) if 0 < top_k < len(models) else torch.ones(len(models), dtype=torch.bool)
+        active = [i for i in range(len(models)) if keep[i]]
+        generated: list[int] = []
+        while True:
+            ll = loglik[active]
+            mix = torch.logsumexp((ll - torch.logsumexp(ll, 0))[:, None] + torch.stack([last[i] for i in active]), 0)
+            token = int(mix.argmax())
+            if token == self.eot_token_id:
+                return generated
+            generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if len(generated) >= max_new or any(s and s in text for s in stop):
+                return generated
+            step = torch.tensor([[token]], device=self._device)
+            for i in active:
+                loglik[i] += last[i][token]
+                logits = models[i](step, cache=caches[i], use_cache=True).logits[0, -1]
+                last[i] = F.log_softmax(logits.float(), dim=-1).double()
+
+
+@_register("flexo-btm")
+class BTMLM(_MembersLM):
+    """lm-eval model `flexo-btm`: a posterior-weighted ensemble of causal LMs sharing one tokenizer.
+
+    `members`: model folders or loaded models (a string is split on `os.pathsep`, for
+    `--model_args members=a:b:c`); `tokenizer`: instance or folder (default: the first member folder's).
+    `top_k` (0 = all members; ≥ the number of members = all): BTM's top-k variant, where only the k
+    members with the highest posterior after a prefix stay in the mixture — for `loglikelihood_rolling`
+    the first `prefix_tokens` tokens of each document, for `loglikelihood` and `generate_until` the
+    context. Scoring still runs every member and masks the mixture afterwards (numerically the same as
+    running only the k; it keeps `member_rolling` complete); generation stops running the others.
+    """
+
+    kind = "flexo-btm"
+
+    def __init__(self, members: Any, tokenizer: Any = None, names: Sequence[str] | None = None,
+                 batch_size: int | str = 8, max_length: int | str = 256, device: str | None = None,
+                 max_batch_size: int | None = None,  # lm-eval passes it; unused
+                 top_k: int | str = 0, prefix_tokens: int | str = 32) -> None:
+        if int(top_k) < 0:
+            raise FlexoError(f"flexo-btm top_k={top_k} must be ≥ 0 (0 = all members)")
+        if int(prefix_tokens) < 0:
+            raise FlexoError(f"flexo-btm prefix_tokens={prefix_tokens} must be ≥ 0")
+        super().__init__(members, tokenizer, names, batch_size, max_length, device)
+        self.top_k, self.prefix_tokens = int(top_k), int(prefix_tokens)
+        self.mix_top_k = self.top_k if self.top_k < len(self.models) else 0
+        # Every member's own total log-likelihood of each document scored by `loglikelihood_rolling`:
+        # the ensemble needs each member's forward pass anyway, so `member_lm(name)` serves the member's
+        # own row of a results table from it instead of running the member a second time.
+        self.member_rolling: dict[str, dict[str, float]] = {n: {} for n in self.names}
+        # ... and every member's per-token log-probs of each document ([M, T], float64): BTM's top-k variant
+        # and the routing trace replay them (MixtureReplayLM) without a second pass.
+        self.member_tokens: dict[str, torch.Tensor] = {}
+
+    def get_model_info(self) -> dict:
+        return {"btm_members": self.names, "btm_max_length": self.max_length, "btm_top_k": self.top_k,
+                "btm_prefix_tokens": self.prefix_tokens}
+
+    def _record_rolling(self, document: str, models: Sequence[Any], member_lp: torch.Tensor) -> None:
+        for name, lp in zip(self.names, member_lp):
+            self.member_rolling[name][document] = float(lp.sum())
+        self.member_tokens[document] = member_lp
 
     def member_lm(self, name: str) -> "MemberReplayLM":
         """An lm-eval model that answers `loglikelihood_rolling` with member `name`'s own totals of the
@@ -318,6 +494,105 @@ class BTMLM(TemplateLM):
         if name not in self.member_rolling:
             raise FlexoError(f"flexo-btm has no member {name!r}: its members are {self.names}")
         return MemberReplayLM(name, self.member_rolling[name])
+
+
+ROUTED_MODES = ("one", "soup")
+
+
+@_register("flexo-routed")
+class RoutedLM(_MembersLM):
+    """lm-eval model `flexo-routed`: each document (or prompt) goes to the member(s) a router picks.
+
+    `route(token_ids) → probabilities over members` is the caller's classifier (a callable, or
+    "module:function" to import, for `--model_args`). It reads a document's first `prefix_tokens` tokens
+    (`loglikelihood_rolling`) or a prompt's whole context encoding (`loglikelihood`, `generate_until`).
+
+    - mode "one" (the paper's prompt routing): the argmax member scores or generates the whole request,
+      with exactly the rolling windows lm-eval's HF backend uses, so its bits-per-byte is HFLM's for the
+      documents routed to it.
+    - mode "soup" (BTM's weighted parameter averaging): members are [public 1-expert model, owners'
+      2-expert models]; each request gets the 1-expert model whose FFN is Σ_j p_j FFN_j (the public FFN,
+      then each owner's expert), built as :func:`model_soup` builds it, from FFNs read once.
+
+    `routed`: request text → chosen member index (the argmax in both modes); `route_weights`: → the
+    router's normalised probabilities; :meth:`routed_counts` sums them up for a report.
+    """
+
+    kind = "flexo-routed"
+
+    def __init__(self, members: Any, route: Callable[[list[int]], torch.Tensor] | str, tokenizer: Any = None,
+                 names: Sequence[str] | None = None, batch_size: int | str = 8, max_length: int | str = 256,
+                 mode: str = "one", prefix_tokens: int | str = 32, device: str | None = None,
+                 max_batch_size: int | None = None) -> None:  # max_batch_size: lm-eval passes it; unused
+        if mode not in ROUTED_MODES:
+            raise FlexoError(f"flexo-routed mode {mode!r} is not one of {ROUTED_MODES}")
+        if int(prefix_tokens) < 1:
+            raise FlexoError(f"flexo-routed prefix_tokens={prefix_tokens} must be ≥ 1: the router needs a token")
+        if isinstance(route, str):
+            route = _import_callable(route)
+        if not callable(route):
+            raise FlexoError(f"flexo-routed route {route!r} is not callable: pass a function of the token ids")
+        super().__init__(members, tokenizer, names, batch_size, max_length, device)
+        self.route, self.mode, self.prefix_tokens = route, mode, int(prefix_tokens)
+        self.routed: dict[str, int] = {}
+        self.route_weights: dict[str, list[float]] = {}
+        if mode == "soup":
+            self._ffns = self._soup_ffns()
+            self.soup = soup_base(self.models[0])
+
+    def _soup_ffns(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The public member's FFN and each owner member's expert FFN, after checking they fit together."""
+        public, owners = self.models[0], self.models[1:]
+        if public.config.num_experts != 1 or any(m.config.num_experts != 2 for m in owners):
+            counts = [m.config.num_experts for m in self.models]
+            raise FlexoError(f"flexo-routed soup needs the public 1-expert model first, then owners' 2-expert "
+                             f"models; the members have {counts} experts: pass members=[public, *owners]")
+        public_ffn = _expert_ffn_from_model(public, 0)
+        for name, model in zip(self.names[1:], owners):
+            shared = _expert_ffn_from_model(model, 0)  # an owner's expert 0 is the public FFN, frozen
+            if not all(torch.equal(a, b) for pa, pb in zip(shared, public_ffn) for a, b in zip(pa, pb)):
+                raise FlexoError(f"flexo-routed member {name!r} was trained against another public model "
+                                 "(its expert 0 differs from the public FFN): retrain it or pass its public model")
+        return [public_ffn] + [_expert_ffn_from_model(m, 1) for m in owners]
+
+    def _weights(self, key: str, ids: list[int]) -> list[float]:
+        p = torch.as_tensor(self.route(list(ids)), dtype=torch.float64).detach().flatten().cpu()
+        if p.numel() != len(self.models) or not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or p.sum() <= 0:
+            raise FlexoError(f"flexo-routed: the router returned {p.tolist()} for {len(self.models)} members: "
+                             "it must return one non-negative probability per member")
+        self.routed[key] = int(p.argmax())
+        self.route_weights[key] = (p / p.sum()).tolist()
+        return self.route_weights[key]
+
+    def _assign(self, keys: list[str], route_ids: list[list[int]]):
+        weights = [self._weights(k, ids) for k, ids in zip(keys, route_ids)]
+        if self.mode == "soup":  # one request at a time: the soup model is rewritten for each
+            for j, w in enumerate(weights):
+                yield [set_soup_ffn(self.soup, self._ffns, w)], [j]
+            return
+        for member in sorted({self.routed[k] for k in keys}):
+            yield [self.models[member]], [j for j, k in enumerate(keys) if self.routed[k] == member]
+
+    def routed_counts(self) -> dict[str, int]:
+        """How many requests went to each member (the argmax of the router's probabilities)."""
+        counts = {n: 0 for n in self.names}
+        for member in self.routed.values():
+            counts[self.names[member]] += 1
+        return counts
+
+    def get_model_info(self) -> dict:
+        return {"routed_members": self.names, "routed_mode": self.mode, "routed_prefix_tokens": self.prefix_tokens,
+                "routed_max_length": self.max_length, "routed_counts": self.routed_counts()}
+
+
+def _import_callable(spec: str) -> Callable:
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise FlexoError(f"flexo-routed route {spec!r} cannot be imported ({e}): give it as module:function") from None
 
 
 class MemberReplayLM(LM):
@@ -331,10 +606,13 @@ class MemberReplayLM(LM):
         super().__init__()
         self.member, self.totals = member, totals
 
+    def _total(self, document: str) -> float | None:
+        return self.totals.get(document)
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for req in requests:
-            total = self.totals.get(req.args[0])
+            total = self._total(req.args[0])
             if total is None:
                 raise FlexoError(f"BTM member {self.member!r} has no recorded score for a document of this run: "
                                  "evaluate the ensemble on the same tasks and limit first")
@@ -350,6 +628,23 @@ class MemberReplayLM(LM):
 
     def get_model_info(self) -> dict:
         return {"replayed_btm_member": self.member}
+
+
+class MixtureReplayLM(MemberReplayLM):
+    """BTM's top-k variant replayed from an all-member BTM pass: each document's total is the top-k mixture
+    (:func:`mixture_logprobs`) of the per-token member log-probs BTM recorded (`BTMLM.member_tokens`), the
+    same number running only the k members after the prefix would give."""
+
+    def __init__(self, member_tokens: dict[str, torch.Tensor], *, top_k: int, prefix_tokens: int) -> None:
+        super().__init__(f"btm-top{top_k}", {})
+        self.member_tokens, self.top_k, self.prefix_tokens = member_tokens, int(top_k), int(prefix_tokens)
+
+    def _total(self, document: str) -> float | None:
+        lp = self.member_tokens.get(document)
+        if lp is None:
+            return None
+        k = self.top_k if self.top_k < lp.shape[0] else 0
+        return float(mixture_logprobs(lp, top_k=k, prefix_tokens=self.prefix_tokens).sum())
 
 
 def btm_total_loglikelihood(member_totals: Sequence[float]) -> float:
