@@ -5,7 +5,7 @@ calls its one stage function; dvc.yaml and the Prefect flows run the same subcom
     flexo embed --owner code         flexo train-expert --owner code
     flexo router-update --owner code flexo merge              flexo router-tune
     flexo audit-extraction --owner code                       flexo score --owner code
-    flexo evaluate
+    flexo evaluate                   flexo benchmark          flexo tasks --out DIR
     flexo opt-out --model models/merged --exclude news --out DIR
     flexo attribute --model models/merged --text "…"          flexo status
     flexo serve --model models/merged-rt --port 8000
@@ -39,6 +39,7 @@ from flexo.threads import torch_threads  # noqa: E402
 COMMANDS = {"curate": "curate", "tokenizer": "tokenizer", "embed": "embed", "train-public": "train_public",
             "train-expert": "train_expert", "router-update": "router_update", "merge": "merge",
             "router-tune": "router_tune", "audit-extraction": "audit", "score": "score", "evaluate": "evaluate",
+            "benchmark": "benchmark", "tasks": "benchmark",
             "opt-out": "optout", "attribute": "attribute", "status": "status", "serve": "serve", "plan": "plan"}
 STAGES = tuple(dict.fromkeys(COMMANDS.values()))
 _GLOBAL_VALUES = ("--root", "--params")  # the options before the subcommand that take a value

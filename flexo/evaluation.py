@@ -55,20 +55,21 @@ def default_device() -> str:
 
 # ------------------------------------------------------------------------------------------ task folder
 def write_domain_tasks(layout: Layout, domains: Sequence[str], out_dir: Path | None = None, *,
-                       cache_dir: Path | None = None) -> Path:
+                       cache_dir: Path | None = None, files: dict[str, Path] | None = None) -> Path:
     """Write one lm-eval task YAML per domain plus the `flexo_domains` group; return the folder.
 
     `cache_dir`: where `datasets` keeps its Arrow copy of the jsonl files (default
     `<root>/.cache/hf-datasets`, inside the project rather than the user's home).
     Refuses a domain without a held-out test split (a one-line FlexoError naming the stage to run).
+    `files` names the jsonl of domains that are not a held-out split (the mixed-domain suite).
     The folder is replaced atomically, so a stale task of a withdrawn owner never lingers. Paths inside
     it are relative to the folder itself (`evaluate_model` reads the tasks from there), so the same
     project gives the same bytes on any machine.
     """
     out_dir = (Path(out_dir) if out_dir is not None else domains_tasks_dir(layout)).resolve()
-    files = {}
+    given, files = dict(files or {}), {}
     for d in domains:
-        f = (layout.heldout(d) / "test.jsonl").resolve()
+        f = Path(given.get(d) or layout.heldout(d) / "test.jsonl").resolve()
         if not f.is_file() or f.stat().st_size == 0:
             raise FlexoError(f"no held-out test split for {d!r} ({f}): run `flexo curate --owner {d}` first")
         files[d] = f
@@ -183,6 +184,7 @@ def evaluate_model(
     max_length: int,
     raw_out: Path | None = None,
     domains: Sequence[str] | None = None,
+    documents: dict[str, list[tuple[float, int]]] | None = None,
 ) -> dict[str, float]:
     """bits-per-byte of one model on every domain of a task folder: `{domain: bits_per_byte}`.
 
@@ -190,7 +192,8 @@ def evaluate_model(
     masks before calling), or any `lm_eval.api.model.LM` (then `tokenizer`, `batch_size` and
     `max_length` are the LM's own business). `tokenizer`: an instance or a folder; None = the one
     saved next to the model folder. `limit`: documents per domain (None or 0 = all). `raw_out`: where
-    lm-eval's results JSON is kept (written atomically).
+    lm-eval's results JSON is kept (written atomically). `documents`: when given, filled with each
+    domain's per-document (log-likelihood, bytes) in document order, what a paired bootstrap resamples.
     """
     import lm_eval
     from lm_eval.api.model import LM
@@ -226,8 +229,8 @@ def evaluate_model(
             tasks=[all_domains[d] for d in names],
             task_manager=task_manager(tasks_dir),
             limit=limit or None,
-            log_samples=False,
-            bootstrap_iters=0,  # stderr by bootstrap is not used and costs minutes
+            log_samples=documents is not None,
+            bootstrap_iters=0,  # lm-eval's unpaired stderr is not used (flexo.intervals pairs the models)
             cache_requests=False,
         )
     if results is None:  # only non-zero ranks get None; flexo runs one process
@@ -239,6 +242,9 @@ def evaluate_model(
         if value is None:
             raise FlexoError(f"lm-eval reported no bits_per_byte for {all_domains[d]}: see {raw_out or 'its log'}")
         scores[d] = float(value)
+        if documents is not None:
+            rows = sorted(results["samples"][all_domains[d]], key=lambda r: r["doc_id"])
+            documents[d] = [(float(r["bits_per_byte"][0]), int(r["bits_per_byte"][1])) for r in rows]
     if raw_out is not None:
         write_raw_results(Path(raw_out), results)
     return scores

@@ -169,6 +169,22 @@ class EvaluateParams:
     baselines: bool = True  # also evaluate soup, BTM, each owner's model and each opt-out
 
 
+BENCHMARK_MODELS = ("public", "flexolmo", "flexolmo-rt", "soup", "btm")
+
+
+@dataclass
+class BenchmarkParams:
+    """The `benchmark` stage: the paper's 31-task suite (lm-eval group flexolmo31) on every model."""
+
+    full: bool = False  # true = the full suite: every item of every task, each task's own generation length
+    limit: int = num(2, 1, SEED_MAX)  # (full: false) items per lm-eval task (MMLU and MATH: per subject)
+    max_gen_toks: int = num(32, 1, 4096)  # (full: false) cap on generated tokens per answer (tasks ask 50 to 1024)
+    max_length: int = num(1024, 32, 1_000_000)  # context window in tokens (prompts are cut on the left)
+    batch_size: int = num(8, 1, SEED_MAX)  # requests per forward pass
+    models: list[str] = field(default_factory=lambda: list(BENCHMARK_MODELS))  # rows, from BENCHMARK_MODELS
+    tasks: list[str] = field(default_factory=list)  # [] = every member whose data is here; else these members
+
+
 @dataclass
 class AuditParams:
     """The owner's audit (`flexo audit-extraction`): data extraction (FlexOlmo §5.3) and loss-based membership
@@ -199,6 +215,7 @@ class Params:
     merge: MergeParams = field(default_factory=MergeParams)
     router_tune: RouterTuneParams = field(default_factory=RouterTuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
     audit: AuditParams = field(default_factory=AuditParams)
 
     def check_owner(self, name: str, *, allow_public: bool = False) -> str:
@@ -320,6 +337,10 @@ def params_from_dict(raw: dict) -> Params:
     if unknown:
         raise FlexoError(f"params.yaml: train_expert.dp.owners names {unknown}, which are not in owners "
                          f"{params.owners}: list owners from there (or [] for every owner)")
+    bad = [m for m in params.benchmark.models if m not in BENCHMARK_MODELS]
+    if bad or len(set(params.benchmark.models)) != len(params.benchmark.models) or not params.benchmark.models:
+        raise FlexoError(f"params.yaml: benchmark.models must list each of {list(BENCHMARK_MODELS)} at most once "
+                         f"(at least one), got {params.benchmark.models}")
     m = params.model
     if m.hidden_size % m.num_heads:
         raise FlexoError(

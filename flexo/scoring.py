@@ -8,7 +8,8 @@ The rows (models) are the same wherever they are scored:
   router-tuned one (`models/merged-rt`, when it exists and was tuned);
 - with `evaluate.baselines`: `soup` (the average of all expert FFNs in one dense model), `btm` (the
   posterior-weighted ensemble of the public model and every owner's own model, see
-  :mod:`flexo.baselines`), `expert:<owner>` (each owner's own 2-expert model, rebuilt from its package
+  :mod:`flexo.baselines`), `btm-top2` (BTM mixing only the 2 members with the highest posterior after
+  the first 32 tokens, replayed from BTM's pass), `expert:<owner>` (each owner's own 2-expert model, rebuilt from its package
   where its folder is not here), `optout:<owner>` (the merged model with that owner's router logit
   masked to −inf at run time, :func:`flexo.routers.runtime_opt_out`) and `optout-rt:<owner>` (the
   default model opted out as its guarantee says: masked, with the router rows refitted without the
@@ -26,7 +27,7 @@ import gc
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from flexo.errors import FlexoError
 from flexo.evaluation import default_device, evaluate_model
@@ -72,6 +73,7 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
     # member's own document totals, and the `public` and `expert:*` rows are served from them (lm-eval
     # still builds the requests and computes bits-per-byte) instead of a second forward pass per model.
     btm_members: dict[str, dict[str, float]] = {}
+    btm_tokens: dict[str, Any] = {}  # document → every member's per-token log-probs (BTM top-k replays them)
 
     def member(name: str, path: Path):
         @contextlib.contextmanager
@@ -113,6 +115,15 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
                        batch_size=params.evaluate.batch_size, max_length=params.evaluate.max_length)
             yield lm
             btm_members.update(lm.member_rolling)
+            btm_tokens.update(lm.member_tokens)
+
+    @contextlib.contextmanager
+    def btm_top2():
+        """BTM top-2 (the BTM paper's variant): after the first 32 tokens only the 2 members with the highest
+        posterior are mixed. Replayed from BTM's per-token member log-probs: no model runs again."""
+        from flexo.baselines import MixtureReplayLM
+
+        yield MixtureReplayLM(btm_tokens, top_k=2, prefix_tokens=32)
 
     def optout(owner: str, folder: Path):
         """The model in `folder` with `owner` opted out as its guarantee says: masked (the plain merge), or
@@ -134,7 +145,7 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
                     yield model
         return make
 
-    jobs += [_Job("soup", soup), _Job("btm", btm)]
+    jobs += [_Job("soup", soup), _Job("btm", btm), _Job("btm-top2", btm_top2)]
     jobs += [_Job(f"expert:{o}", member(o, p)) for o, p in expert_models.items()]
     jobs += [_Job(f"optout:{o}", optout(o, merged)) for o in params.owners]
     if any(j.name == "flexolmo-rt" for j in jobs):  # the default model's opt-outs, exact
@@ -145,7 +156,7 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
 # Run order (not table order): each model folder is loaded once and dropped after its last use. BTM
 # goes first: the public and owners' models live only while it runs, and their own rows (`public`,
 # `expert:*`) replay its passes; the merged model lives from `flexolmo` through the opt-outs.
-_RUN_ORDER = ("btm", "public", "expert:", "soup", "flexolmo", "optout:", "flexolmo-rt", "optout-rt:")
+_RUN_ORDER = ("btm", "btm-top2", "public", "expert:", "soup", "flexolmo", "optout:", "flexolmo-rt", "optout-rt:")
 
 
 def _run_order(job: _Job) -> int:
@@ -189,7 +200,7 @@ def _count_uses(params: Params, layout: Layout, cache: _ModelCache, jobs: list[_
     names = [j.name for j in jobs]
     # With BTM in the plan, the members' own rows replay its passes and load nothing.
     cache.expect(layout.public_model, 1)
-    cache.expect(layout.merged, 1 + sum(n.startswith("optout:") for n in names))
+    cache.expect(layout.merged, int("flexolmo" in names) + sum(n.startswith("optout:") for n in names))
     if "flexolmo-rt" in names:
         cache.expect(layout.merged_rt, 1 + sum(n.startswith("optout-rt:") for n in names))
     for o in params.owners:
@@ -197,16 +208,23 @@ def _count_uses(params: Params, layout: Layout, cache: _ModelCache, jobs: list[_
 
 
 def score_models(params: Params, layout: Layout, domains: list[str], *, limit: int | None, tokenizer,
-                 write_tasks: Callable[[], Path], raw_dir: Path | None = None
+                 write_tasks: Callable[[], Path], raw_dir: Path | None = None,
+                 replicates: dict[str, dict[str, list[float]]] | None = None, only: Sequence[str] | None = None
                  ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Bits per byte of every row of the plan on `domains` ({model: {domain: bpb}}, in table order) and the
     seconds each row took. `write_tasks()` writes the lm-eval task folder (called once every input has been
-    checked, so a refusal leaves nothing behind); with `raw_dir`, lm-eval's raw results of each row go there."""
+    checked, so a refusal leaves nothing behind); with `raw_dir`, lm-eval's raw results of each row go there;
+    `replicates`, when given, is filled with {model: {domain: bootstrap replicates of its bits per byte}}
+    (flexo.intervals: the same resampled documents for every model, so any two rows pair); `only` keeps those
+    rows of the plan (the mixed-domain suite scores the headline rows, not every opt-out)."""
+    from flexo.intervals import replicates as bootstrap
     from tqdm.auto import tqdm
 
     require_model(layout.public_model, "public model", "train-public")
     cache = _ModelCache(layout.public_model)
     jobs = _plan(params, layout, lambda: tokenizer, cache)  # checks every input before anything is written
+    if only is not None:
+        jobs = [j for j in jobs if j.name in only]
     _count_uses(params, layout, cache, jobs)
     tasks_dir = write_tasks()
     ev = params.evaluate
@@ -216,10 +234,13 @@ def score_models(params: Params, layout: Layout, domains: list[str], *, limit: i
     for job in bar:
         bar.set_postfix_str(job.name)
         t0 = time.time()
+        documents: dict[str, list] | None = {} if replicates is not None else None
         with job.make() as obj:
             scores = evaluate_model(obj, tokenizer, tasks_dir, limit=limit, batch_size=ev.batch_size,
-                                    max_length=ev.max_length, domains=domains,
+                                    max_length=ev.max_length, domains=domains, documents=documents,
                                     raw_out=raw_dir / f"{model_file_name(job.name)}.json" if raw_dir else None)
+        if replicates is not None:
+            replicates[job.name] = {d: bootstrap(docs) for d, docs in documents.items()}
         bpb[job.name] = {d: round(scores[d], 6) for d in domains}
         eval_s[job.name] = round(time.time() - t0, 1)
         bar.write(f"{job.name}: " + ", ".join(f"{d} {v:.3f}" for d, v in bpb[job.name].items())
@@ -253,7 +274,7 @@ def model_fingerprints(params: Params, layout: Layout) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------- shipped scores
-SCORES_FORMAT = "flexo-scores-v1"
+SCORES_FORMAT = "flexo-scores-v2"  # v2: paired bootstrap replicates per model
 
 
 def effective_limit(params: Params, limit: int | None) -> int | None:
@@ -288,4 +309,8 @@ def read_scores(layout: Layout, owner: str, *, rows: list[str], fingerprints: di
     bad = [m for m in rows if m in bpb and not (isinstance(bpb[m], (int, float)) and 0 < bpb[m] < 1e3)]
     if missing or bad:
         raise FlexoError(f"{path} lacks rows {missing} or has unusable values for {bad}: {fix}")
+    reps = rec.get("bootstrap") or {}
+    lengths = {len(reps.get(m) or []) for m in rows}
+    if len(lengths) != 1 or 0 in lengths:
+        raise FlexoError(f"{path} lacks the bootstrap replicates of some rows: {fix}")
     return rec

@@ -2,7 +2,7 @@
 
     flexo evaluate                                  # the DVC stage: every model, tables and figures
     flexo evaluate --model DIR [--limit N]          # one model folder on the domains suite
-    flexo evaluate --suite flexolmo31 [--model DIR] # the paper's 31-task suite (flexo.lm_tasks.suite)
+    (the paper's 31-task suite is the `benchmark` stage: stages/benchmark.py)
 
 The DVC stage evaluates, on the public domain and every owner's domain (`data/heldout/<name>/test.jsonl`
 only — never an owner's train or val split):
@@ -32,10 +32,10 @@ import math
 import time
 from pathlib import Path
 
-from flexo.errors import FlexoError
 from flexo.evaluation import domains_tasks_dir, evaluate_model, load_tokenizer_for, write_domain_tasks
 from flexo.fsutil import atomic_file, atomic_path, write_json
 from flexo.layout import Layout
+from flexo.mixed import mixed_report
 from flexo import timings
 from flexo.params import PUBLIC, Params
 from flexo.project import stage_command
@@ -46,19 +46,13 @@ from flexo.scoring import (
 
 log = logging.getLogger(__name__)
 
-SUITES = ("domains", "flexolmo31")
 AVG = "avg (owners)"
 
 
 # ------------------------------------------------------------------------------------------- the stage
-def evaluate(params: Params, layout: Layout, *, suite: str = "domains", model: Path | None = None,
-             limit: int | None = None) -> dict:
+def evaluate(params: Params, layout: Layout, *, model: Path | None = None, limit: int | None = None) -> dict:
     """Evaluate one model folder (`model`) or, with none, every model of the pipeline (the DVC stage)."""
-    if suite not in SUITES:
-        raise FlexoError(f"unknown suite {suite!r}: choose one of {list(SUITES)}")
     limit = effective_limit(params, limit)
-    if suite == "flexolmo31":
-        return _evaluate_flexolmo31(params, layout, model=model, limit=limit)
     if model is not None:
         return _evaluate_one(params, layout, Path(model), available_domains(params, layout), limit)
     return _evaluate_all(params, layout, limit)
@@ -99,9 +93,10 @@ def _evaluate_all(params: Params, layout: Layout, limit: int | None) -> dict:
     require_model(layout.public_model, "public model", "train-public")
     fingerprints = model_fingerprints(params, layout)
     tokenizer = load_tokenizer_for(layout.public_model, layout.tokenizer)
+    replicates: dict = {}
     bpb, eval_s = score_models(params, layout, [PUBLIC], limit=limit, tokenizer=tokenizer,
                                write_tasks=lambda: write_domain_tasks(layout, [PUBLIC], domains_tasks_dir(layout)),
-                               raw_dir=layout.results / "lm_eval")
+                               raw_dir=layout.results / "lm_eval", replicates=replicates)
     shipped = {}
     for owner in params.owners:
         rec = read_scores(layout, owner, rows=list(bpb), fingerprints=fingerprints, limit=limit,
@@ -113,12 +108,14 @@ def _evaluate_all(params: Params, layout: Layout, limit: int | None) -> dict:
         shipped[owner] = rec
         for m in bpb:
             bpb[m][owner] = round(float(rec["bpb"][m]), 6)
+            replicates[m][owner] = rec["bootstrap"][m]
     owners = list(shipped)
     domains = [PUBLIC, *owners]
     metrics = {"bpb": bpb, "limit": limit or 0, "max_length": ev.max_length, "domains": domains,
                "public_only": not owners, "scored_by_owners": owners}
     if owners:  # no NaN in metrics (not JSON): without an owner's scores there is no owner average
         metrics["avg_owner_bpb"] = {m: round(_mean([s[d] for d in owners]), 6) for m, s in bpb.items()}
+    metrics["comparisons"] = comparisons(bpb, replicates, owners or [PUBLIC])
 
     out = layout.results
     # Raw results of models no longer in the plan (a withdrawn owner, baselines turned off) would be stale.
@@ -130,6 +127,7 @@ def _evaluate_all(params: Params, layout: Layout, limit: int | None) -> dict:
     with atomic_file(out / "table.md") as f:
         f.write(render_table(bpb, domains, owners, limit=limit, max_length=ev.max_length,
                              dp=_dp_experts(layout)))
+        f.write("\n" + render_comparisons(metrics["comparisons"], owners))
     optout = {m: s for m, s in bpb.items() if m.startswith("optout:")}
     optout_rt = {m: s for m, s in bpb.items() if m.startswith("optout-rt:")}
     with atomic_file(out / "optout.md") as f:
@@ -139,6 +137,9 @@ def _evaluate_all(params: Params, layout: Layout, limit: int | None) -> dict:
                     + render_optout(optout_rt, bpb["flexolmo-rt"], domains, owners).split("\n\n", 1)[1]
                     .replace("| flexolmo |", "| flexolmo-rt |"))
     plot_bpb(out / "bpb.png", bpb, domains, owners)
+    mixed = mixed_report(shipped, out)  # the mixed-domain suite, from what the owners shipped
+    if mixed is not None:
+        metrics["mixed"] = mixed
     plot_optout(out / "optout.png", optout, bpb["flexolmo"], domains)
     # Which expert each domain's tokens go to, layer by layer: the public domain routed here, each owner's
     # domain from the table it shipped.
@@ -149,33 +150,49 @@ def _evaluate_all(params: Params, layout: Layout, limit: int | None) -> dict:
     write_json(out / "metrics.json", metrics)
     timings.record(layout.root, "evaluate", wall_s=round(time.time() - started, 1), eval_s=eval_s)
     metrics["outputs"] = [str(out / n) for n in ("metrics.json", "table.md", "bpb.png", "optout.md", "optout.png",
-                                                 "routing")]
+                                                 "routing", *(("mixed.md", "mixed_routing.png") if mixed else ()))]
     return metrics
+
+
+# The comparisons the README states (a, b): a − b of the mean bits per byte over the owner domains, with a
+# paired bootstrap interval; lower is better. Rows missing from the plan (baselines off) are skipped.
+COMPARISONS = (("flexolmo", "public"), ("flexolmo-rt", "public"), ("flexolmo-rt", "flexolmo"), ("flexolmo", "btm"),
+               ("flexolmo-rt", "btm"), ("btm", "soup"), ("soup", "public"), ("flexolmo", "soup"))
+
+
+def comparisons(bpb: dict[str, dict[str, float]], replicates: dict[str, dict[str, list[float]]],
+                domains: list[str]) -> dict:
+    """{"a - b": {"mean": the owner average's comparison, "domains": {domain: that domain's}}}."""
+    from flexo.intervals import paired
+
+    out = {}
+    for a, b in COMPARISONS:
+        if a in bpb and b in bpb:
+            args = ((a, b), bpb[a], bpb[b], replicates[a], replicates[b])
+            out[f"{a} - {b}"] = {"mean": paired(*args, domains),
+                                 "domains": {d: paired(*args, [d]) for d in domains}}
+    return out
+
+
+def render_comparisons(comps: dict, owners: list[str]) -> str:
+    if not comps:
+        return ""
+    where = f"the mean over the owner domains ({', '.join(owners)})" if owners else "the public domain"
+    lines = [f"Paired comparisons on {where}: a − b in bits per byte (negative = a better), its 95% paired bootstrap "
+             "interval (1,000 resamples of each domain's documents, the same documents for both models) and what "
+             "it shows; per domain in results/metrics.json.", "",
+             "| a − b | difference | relative | 95% interval | reading |", "|---|---:|---:|---|---|"]
+    for pair, c in comps.items():
+        m = c["mean"]
+        lines.append(f"| {pair} | {m['diff']:+.4f} | {100 * m['relative']:+.2f}% | "
+                     f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}] | {m['shown']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _routing_summary(analysis: dict) -> dict:
     """Per model and domain: the mean routing probability of each expert over all layers."""
     return {model: {d: {e: round(v, 4) for e, v in shares.items()} for d, shares in row["prob_share"].items()}
             for model, row in analysis.get("models", {}).items()}
-
-
-def _evaluate_flexolmo31(params: Params, layout: Layout, *, model: Path | None, limit: int | None) -> dict:
-    from flexo.lm_tasks.suite import prepare_benchmarks, run_flexolmo31
-
-    tasks_dir = prepare_benchmarks(layout.downloads, layout.root / "data" / "benchmarks")
-    if model is not None:
-        model_dir = require_model(Path(model), "model", "train-public")
-        out = layout.results / "adhoc" / f"{model_file_name(model_dir.resolve().name)}.flexolmo31.json"
-        return {str(model_dir): run_flexolmo31(model_dir, tasks_dir, limit=limit, out_path=out)}
-    targets = {"public": layout.public_model, "flexolmo": layout.merged, "flexolmo-rt": layout.merged_rt}
-    summary = {}
-    for name, path in targets.items():
-        if (path / "config.json").is_file():
-            summary[name] = run_flexolmo31(path, tasks_dir, limit=limit,
-                                           out_path=layout.results / "flexolmo31" / f"{name}.json")
-    if not summary:
-        raise FlexoError("no model to evaluate: run `flexo train-public` and `flexo merge` first")
-    return summary
 
 
 # ------------------------------------------------------------------------------------------- reports
@@ -304,14 +321,12 @@ def plot_optout(path: Path, optout: dict[str, dict[str, float]], full: dict[str,
 
 
 def add_cli(sub) -> None:
-    """`flexo evaluate [--model DIR] [--suite domains|flexolmo31] [--limit N]`."""
+    """`flexo evaluate [--model DIR] [--limit N]`."""
     p = stage_command(sub, "evaluate", "evaluate models with lm-eval: bits per byte on every domain's held-out test "
                       "split (no --model: every pipeline model and baseline, tables and figures in results/)",
-                      lambda args, project: evaluate(project.params, project.layout, suite=args.suite,
-                                                     model=args.model, limit=args.limit))
+                      lambda args, project: evaluate(project.params, project.layout, model=args.model,
+                                                     limit=args.limit))
     p.add_argument("--model", type=Path, default=None,
                    help="evaluate only this model folder (raw results go to results/adhoc/)")
-    p.add_argument("--suite", choices=SUITES, default="domains",
-                   help="domains = held-out bits per byte (default); flexolmo31 = the paper's 31 tasks")
     p.add_argument("--limit", type=int, default=None,
                    help="documents (or items) per task; 0 = all (default: evaluate.limit)")

@@ -34,6 +34,7 @@ train_expert: {max_steps: 12, batch_size: 8, lr: 1.0e-2, warmup_steps: 2, checkp
 merge: {top_k: 2}
 router_tune: {steps: 4, batch_size: 4, proxy_documents: 8, fit_samples: 400, fit_steps: 60}
 evaluate: {batch_size: 4, max_length: 64, limit: 6}
+benchmark: {limit: 1, max_gen_toks: 4, max_length: 256, batch_size: 4, tasks: [flexo_arc_easy, flexo_gsm8k]}
 audit: {documents: 8}
 """
 
@@ -70,6 +71,10 @@ def download_cache() -> Path:
     """The session-wide download cache the tests share and keep between runs: $FLEXO_TEST_CACHE, else
     <repo>/.cache/test-downloads."""
     return Path(os.environ.get("FLEXO_TEST_CACHE", REPO / ".cache" / "test-downloads"))
+
+
+# Every project a test makes downloads into that one cache (the benchmark stage's 85 MB wheel, once).
+os.environ.setdefault("FLEXO_DOWNLOADS", str(download_cache()))
 
 
 def tree(folder: Path) -> dict[str, str]:

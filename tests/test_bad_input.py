@@ -607,6 +607,17 @@ CASES += [
     Case("serve-engine-vllm", "`flexo serve --engine vllm` without vLLM or a GPU",
          lambda L, t: (_merged_first(L), ["serve", "--model", str(L.merged), "--engine", "vllm", "--port", "0"])[-1],
          lambda L, t: [L.results], "--engine vllm cannot run here"),
+    Case("benchmark-unknown-task", "`flexo benchmark --tasks flexo_arc_easy,arc_esay` (a typo)",
+         lambda L, t: (_merged_first(L), ["benchmark", "--tasks", "flexo_arc_easy,arc_esay"])[-1],
+         lambda L, t: [L.results, L.root / "data" / "benchmarks"], "unknown task 'arc_esay'"),
+    Case("benchmark-limit-0", "`flexo benchmark --limit 0`", lambda L, t: (_merged_first(L), ["benchmark", "--limit", "0"])[-1],
+         lambda L, t: [L.results, L.root / "data" / "benchmarks"], "--limit must be a positive number"),
+    Case("benchmark-not-flexolmo", "`flexo benchmark --model` naming a dense GPT-2 folder, not FlexOlmo",
+         lambda L, t: (t.joinpath("gpt2").mkdir(), t.joinpath("gpt2", "config.json").write_text(
+             '{"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}'), ["benchmark", "--model", str(t / "gpt2")])[-1],
+         lambda L, t: [L.results, L.root / "data" / "benchmarks"], "not flex_olmo"),
+    _params_case("params-benchmark-limit-0", "params.yaml `benchmark.limit: 0`", _set("benchmark", "limit", 0),
+                 "benchmark.limit must be >= 1"),
 ]
 SUBPROCESS = ["params-unknown-key", "package-truncated", "router-embedding-width", "opt-out-exclude-unknown",
               "merge-out-data", "config-json-wrong-type"]

@@ -22,7 +22,10 @@ STAGES = [
     (["audit-extraction", "--owner", "alpha"], ["results/extraction/alpha.json"]),
     (["score", "--owner", "alpha"], ["results/scores/alpha.json"]),
     (["evaluate"], ["results/metrics.json", "results/table.md", "results/optout.md", "results/lm_eval",
-                    "results/routing", "results/tasks/domains"]),
+                    "results/routing", "results/tasks/domains", "results/mixed.md"]),
+    (["benchmark", "--tasks", "flexo_arc_easy,flexo_gsm8k"],
+     ["results/flexolmo31/metrics.json", "results/flexolmo31/table.md", "results/flexolmo31/items.json",
+      "results/flexolmo31/lm_eval"]),
 ]
 
 

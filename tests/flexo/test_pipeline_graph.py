@@ -51,9 +51,10 @@ def test_this_repositorys_dvc_yaml():
     pos = {s: i for i, s in enumerate(graph.order)}
     assert graph.order[0] == "curate_public" and len(pos) == len(graph.order)
     assert pos["merge"] < pos["router_tune"] < pos["evaluate"]
-    assert graph.central_stages == ["merge", "router_tune", "evaluate"]
-    # the centre's two rounds: the merge stages need only packages, evaluate the owners' scores
-    assert graph.merge_stages == ["merge", "router_tune"] and graph.final_stages == ["evaluate"]
+    assert graph.central_stages == ["merge", "router_tune", "evaluate", "benchmark"]
+    # the centre's two rounds: the merge stages (and the 31-task benchmark) need only packages, evaluate the
+    # owners' scores
+    assert graph.merge_stages == ["merge", "router_tune", "benchmark"] and graph.final_stages == ["evaluate"]
     assert graph.public_stages == ["curate_public", "tokenizer", "embed_public", "train_public"]
     for owner in owners:
         assert pos[f"audit@{owner}"] > pos["merge"]

@@ -51,7 +51,7 @@ def repro_project(tiny_project, tmp_path_factory, prefect_harness):
     states = pipeline(root=str(root))
     ran = {s for s, state in states.items() if state == "ran"}
     assert ran == {"router_update@alpha", "router_update@beta", "merge", "audit@alpha", "audit@beta",
-                   "router_tune", "score@alpha", "score@beta", "evaluate"}, states
+                   "router_tune", "score@alpha", "score@beta", "evaluate", "benchmark"}, states
     return root
 
 
@@ -62,6 +62,14 @@ def test_prefect_flow_ran_every_stage_as_dvc_would(repro_project):
     metrics = json.loads((root / "results" / "metrics.json").read_text())
     assert set(metrics["bpb"]) >= {"public", "flexolmo", "flexolmo-rt", "soup", "btm", "expert:alpha",
                                    "optout:beta"}
+    # the 31-task stage ran as a Prefect task: the Table 2 layout for the five rows, with the count of tasks run
+    bench = json.loads((root / "results" / "flexolmo31" / "metrics.json").read_text())
+    assert list(bench["flexolmo31"]) == ["public", "flexolmo", "flexolmo-rt", "soup", "btm"]
+    assert bench["tasks_run"] == 2 and "avg (2/11 categories, 2/31 tasks)" in (
+        root / "results" / "flexolmo31" / "table.md").read_text()
+    # the mixed-domain suite and the paired intervals reached the central table
+    assert set(metrics["mixed"]["avg"]) >= {"flexolmo", "flexolmo-rt", "btm", "btm-top2"}
+    assert "flexolmo-rt - public" in metrics["comparisons"]
     assert sh(root, "dvc", "status", "--quiet", check=False).returncode == 0
     status = json.loads(sh(root, "flexo", "status", "--json").stdout)
     assert status["would_rerun"] == [] and status["owners"]["alpha"]["expert"] == "current"
@@ -92,7 +100,7 @@ def test_adding_a_document_makes_only_that_owner_and_the_fan_in_stale(repro_proj
     # statistics depend only on alpha's own model and text: they stay.
     assert sorted(status["would_rerun"]) == sorted(
         ["curate@beta", "embed@beta", "train_expert@beta", "merge", "router_update@beta",
-         "audit@alpha", "audit@beta", "router_tune", "score@alpha", "score@beta", "evaluate"])
+         "audit@alpha", "audit@beta", "router_tune", "score@alpha", "score@beta", "evaluate", "benchmark"])
     assert status["owners"]["beta"]["expert"] == "stale" and status["owners"]["alpha"]["expert"] == "current"
     sh(root, "dvc", "repro")
     assert sh(root, "dvc", "status", "--quiet", check=False).returncode == 0

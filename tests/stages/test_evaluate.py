@@ -58,7 +58,7 @@ def test_bits_per_byte_equals_direct_computation(tiny_project, tmp_path):
     assert raw["results"][task_name("alpha")]["bits_per_byte,none"] == pytest.approx(got["alpha"])
 
 
-MODELS = ["public", "flexolmo", "soup", "btm", "expert:alpha", "expert:beta", "optout:alpha", "optout:beta"]
+MODELS = ["public", "flexolmo", "soup", "btm", "btm-top2", "expert:alpha", "expert:beta", "optout:alpha", "optout:beta"]
 DOMAINS = ["public", "alpha", "beta"]
 
 
@@ -79,11 +79,28 @@ def test_stage_writes_every_model_and_domain(evaluated):
     assert not list(layout.results.rglob(".*.tmp-*"))
 
 
+def test_comparisons_are_paired_intervals_around_the_table_differences(evaluated):
+    layout, params, metrics, _ = evaluated
+    on_disk = json.loads((layout.results / "metrics.json").read_text())
+    avg = on_disk["avg_owner_bpb"]
+    assert set(on_disk["comparisons"]) == {"flexolmo - public", "flexolmo - btm", "btm - soup", "soup - public",
+                                           "flexolmo - soup"}  # no flexolmo-rt row in the fixture
+    for pair, c in on_disk["comparisons"].items():
+        a, b = pair.split(" - ")
+        assert c["mean"]["diff"] == pytest.approx(avg[a] - avg[b], abs=1e-4)
+        lo, hi = c["mean"]["ci95"]
+        assert lo <= hi and (c["mean"]["shown"] == "no difference shown") == (lo <= 0 <= hi)
+        for d in params.owners:
+            assert c["domains"][d]["diff"] == pytest.approx(on_disk["bpb"][a][d] - on_disk["bpb"][b][d], abs=1e-4)
+    assert "95% paired bootstrap" in (layout.results / "table.md").read_text()
+
+
 def test_table_bolds_the_best_per_column(evaluated):
     layout, _, metrics, _ = evaluated
     text = (layout.results / "table.md").read_text()
     assert "lower is better" in text
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    first_table = text.split("\n\n")[1]  # caption, the table, then the paired comparisons
+    rows = [line for line in first_table.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in rows[0].strip("|").split("|")]
     assert header == ["model", *DOMAINS, "avg (owners)"]
     body = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in rows[1:]}
@@ -152,12 +169,10 @@ def test_replayed_member_refuses_a_document_btm_did_not_score():
         lm.loglikelihood_rolling([req("unseen text")])
 
 
-def test_bad_suite_and_limit(evaluated):
+def test_bad_limit(evaluated):
     from stages.evaluate import evaluate
 
     layout, params, _, _ = evaluated
-    with pytest.raises(FlexoError, match="unknown suite"):
-        evaluate(params, layout, suite="nope")
     with pytest.raises(FlexoError, match="limit"):
         evaluate(params, layout, limit=-1)
 
@@ -178,3 +193,29 @@ def test_reports_without_optouts(tmp_path):
     assert "No opt-out was evaluated" in render_optout({}, full, ["public", "alpha"], ["alpha"])
     plot_optout(tmp_path / "o.png", {}, full, ["public", "alpha"])
     assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mixed_domain_suite_compares_token_routing_with_btm(evaluated):
+    from flexo.mixed import mixed_documents
+
+    layout, params, _, _ = evaluated
+    mixed = json.loads((layout.results / "metrics.json").read_text())["mixed"]
+    assert mixed["owners"] == ["alpha", "beta"]
+    assert set(mixed["avg"]) == {"public", "flexolmo", "soup", "btm", "btm-top2"}  # the headline rows, no opt-outs
+    for m, per_owner in mixed["bpb"].items():
+        assert mixed["avg"][m] == pytest.approx(sum(per_owner.values()) / 2, abs=1e-6)
+    c = mixed["comparisons"]["flexolmo - btm"]
+    assert c["diff"] == pytest.approx(mixed["avg"]["flexolmo"] - mixed["avg"]["btm"], abs=1e-4)
+    assert c["ci95"][0] <= c["ci95"][1] and "btm-top2 - btm" in mixed["comparisons"]
+    # the documents alternate the owner's held-out text with public held-out text, half starting with each
+    docs = mixed_documents("alpha", layout.heldout("alpha") / "test.jsonl", layout.heldout("public") / "test.jsonl")
+    assert [d.sources[0] for d in docs[:2]] == ["alpha", "public"]
+    assert all(d.sources[i] != d.sources[i + 1] for d in docs for i in range(len(d.sources) - 1))
+    assert all(d.text[d.starts[1]:d.starts[1] + 20] for d in docs)
+    # the routing trace: per bin, router probabilities and BTM's posterior each sum to 1
+    trace = json.loads(layout.scores("alpha").read_text())["mixed"]["trace"]
+    assert trace["sources"] == list(docs[0].sources) and trace["segment_bins"][0] == 0
+    for row in trace["routers"]["flexolmo"]["probs"] + trace["btm"]["weights"]:
+        assert sum(row) == pytest.approx(1, abs=0.01)
+    assert len(trace["btm"]["weights"][0]) == 3 and "mixed:alpha" in (layout.results / "mixed.md").read_text()
+    assert (layout.results / "mixed_routing.png").read_bytes()[:4] == b"\x89PNG"

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import copy_project, run_cli
 
-MODELS = ["public", "flexolmo", "soup", "btm", "expert:alpha", "expert:beta", "optout:alpha", "optout:beta"]
+MODELS = ["public", "flexolmo", "soup", "btm", "btm-top2", "expert:alpha", "expert:beta", "optout:alpha", "optout:beta"]
 
 
 def test_each_owner_ships_every_row_on_its_own_domain_and_no_text(evaluated):
@@ -23,6 +23,10 @@ def test_each_owner_ships_every_row_on_its_own_domain_and_no_text(evaluated):
             assert metrics["bpb"][m][owner] == pytest.approx(shipped["bpb"][m], abs=1e-6)
         assert set(shipped["routing"]) == {"flexolmo", "expert:alpha", "expert:beta"}
         assert all(list(t["domains"]) == [owner] for t in shipped["routing"].values())
+        # paired bootstrap replicates per row (means over resampled documents), centred on the shipped value
+        assert set(shipped["bootstrap"]) == set(MODELS) and len(shipped["bootstrap"]["btm"]) == 1000
+        reps = shipped["bootstrap"]["public"]
+        assert min(reps) <= shipped["bpb"]["public"] <= max(reps)
         # numbers only: no piece of the owner's held-out documents is in what it ships
         text = layout.scores(owner).read_text()
         for line in (layout.heldout(owner) / "test.jsonl").read_text().splitlines():
