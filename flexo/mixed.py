@@ -86,7 +86,7 @@ def write_mixed(path: Path, docs: list[MixedDocument]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ scoring
-MIXED_ROWS = ("public", "flexolmo", "flexolmo-rt", "soup", "btm", "btm-top2")  # the suite's rows (no opt-outs)
+MIXED_ROWS = ("public", "flexolmo", "flexolmo-rt", "soup", "btm", "btm-top2", "prompt-routing")  # the suite's rows (no opt-outs)
 DOMAIN = "mixed"
 TRACE_BIN = 8  # tokens per point of the shipped routing trace (a coarse curve, not per-token values)
 
@@ -163,7 +163,8 @@ def routing_trace(params, layout, tokenizer, doc: MixedDocument, rows: list[str]
 
 # ------------------------------------------------------------------------------------- the centre's report
 COMPARISONS = (("flexolmo", "btm"), ("flexolmo-rt", "btm"), ("flexolmo", "btm-top2"), ("flexolmo-rt", "btm-top2"),
-               ("btm-top2", "btm"), ("flexolmo-rt", "public"))
+               ("btm-top2", "btm"), ("flexolmo-rt", "public"), ("flexolmo", "prompt-routing"),
+               ("flexolmo-rt", "prompt-routing"))
 
 
 def mixed_report(shipped: dict[str, dict], out_dir: Path) -> dict | None:

@@ -9,7 +9,10 @@ The rows (models) are the same wherever they are scored:
 - with `evaluate.baselines`: `soup` (the average of all expert FFNs in one dense model), `btm` (the
   posterior-weighted ensemble of the public model and every owner's own model, see
   :mod:`flexo.baselines`), `btm-top2` (BTM mixing only the 2 members with the highest posterior after
-  the first 32 tokens, replayed from BTM's pass), `expert:<owner>` (each owner's own 2-expert model, rebuilt from its package
+  the first 32 tokens, replayed from BTM's pass), `prompt-routing` (each document scored entirely by the
+  one model — public or an owner's — that a classifier picks from its first 32 tokens: the first router
+  layer of the router-tuned model, :func:`first_router`), `soup-weighted` (per document, the soup
+  weighted by that classifier's probabilities), `expert:<owner>` (each owner's own 2-expert model, rebuilt from its package
   where its folder is not here), `optout:<owner>` (the merged model with that owner's router logit
   masked to −inf at run time, :func:`flexo.routers.runtime_opt_out`) and `optout-rt:<owner>` (the
   default model opted out as its guarantee says: masked, with the router rows refitted without the
@@ -125,6 +128,26 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
 
         yield MixtureReplayLM(btm_tokens, top_k=2, prefix_tokens=32)
 
+    # Prompt routing and the weighted soup need a classifier over {public, owners} that saw no owner's text:
+    # the router-tuned model's first router (fitted on the owners' shipped statistics, :mod:`flexo.refit`), or
+    # the plain merge's, averaged over a document's first tokens.
+    router_folder = rt if (rt / "config.json").is_file() and any(j.name == "flexolmo-rt" for j in jobs) else merged
+
+    def routed(mode: str):
+        @contextlib.contextmanager
+        def make():
+            from flexo.baselines import RoutedLM
+
+            with contextlib.ExitStack() as stack:
+                classifier = stack.enter_context(cache.use(router_folder))
+                members = [stack.enter_context(cache.use(p)) for p in [layout.public_model, *expert_models.values()]]
+                tok = tokenizer()
+                prefix = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
+                yield RoutedLM(members, first_router(classifier, list(read_meta(router_folder)["experts"]), prefix),
+                               tokenizer=tok, names=[PUBLIC, *params.owners], mode=mode,
+                               batch_size=params.evaluate.batch_size, max_length=params.evaluate.max_length)
+        return make
+
     def optout(owner: str, folder: Path):
         """The model in `folder` with `owner` opted out as its guarantee says: masked (the plain merge), or
         masked with the router rows refitted without the owner (the federated-tuned default model)."""
@@ -145,7 +168,8 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
                     yield model
         return make
 
-    jobs += [_Job("soup", soup), _Job("btm", btm), _Job("btm-top2", btm_top2)]
+    jobs += [_Job("soup", soup), _Job("soup-weighted", routed("soup")), _Job("btm", btm), _Job("btm-top2", btm_top2),
+             _Job("prompt-routing", routed("one"))]
     jobs += [_Job(f"expert:{o}", member(o, p)) for o, p in expert_models.items()]
     jobs += [_Job(f"optout:{o}", optout(o, merged)) for o in params.owners]
     if any(j.name == "flexolmo-rt" for j in jobs):  # the default model's opt-outs, exact
@@ -156,7 +180,7 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
 # Run order (not table order): each model folder is loaded once and dropped after its last use. BTM
 # goes first: the public and owners' models live only while it runs, and their own rows (`public`,
 # `expert:*`) replay its passes; the merged model lives from `flexolmo` through the opt-outs.
-_RUN_ORDER = ("btm", "btm-top2", "public", "expert:", "soup", "flexolmo", "optout:", "flexolmo-rt", "optout-rt:")
+_RUN_ORDER = ("btm", "btm-top2", "prompt-routing", "soup-weighted", "public", "expert:", "soup", "flexolmo", "optout:", "flexolmo-rt", "optout-rt:")
 
 
 def _run_order(job: _Job) -> int:
@@ -199,12 +223,15 @@ class _ModelCache:
 def _count_uses(params: Params, layout: Layout, cache: _ModelCache, jobs: list[_Job]) -> None:
     names = [j.name for j in jobs]
     # With BTM in the plan, the members' own rows replay its passes and load nothing.
-    cache.expect(layout.public_model, 1)
+    routed = sum(n in ("prompt-routing", "soup-weighted") for n in names)  # each holds the members and a router
+    cache.expect(layout.public_model, 1 + routed)
     cache.expect(layout.merged, int("flexolmo" in names) + sum(n.startswith("optout:") for n in names))
     if "flexolmo-rt" in names:
         cache.expect(layout.merged_rt, 1 + sum(n.startswith("optout-rt:") for n in names))
+    router = layout.merged_rt if (layout.merged_rt / "config.json").is_file() and "flexolmo-rt" in names else layout.merged
+    cache.expect(router, routed)
     for o in params.owners:
-        cache.expect(owner_model_path(layout, o), int("btm" in names or f"expert:{o}" in names))
+        cache.expect(owner_model_path(layout, o), int("btm" in names or f"expert:{o}" in names) + routed)
 
 
 def score_models(params: Params, layout: Layout, domains: list[str], *, limit: int | None, tokenizer,
@@ -247,6 +274,20 @@ def score_models(params: Params, layout: Layout, domains: list[str], *, limit: i
                   + f" ({eval_s[job.name]:.0f}s)")
     order = [j.name for j in jobs]  # back to the plan's (table) order
     return {m: bpb[m] for m in order}, {m: eval_s[m] for m in order}
+
+
+def first_router(model, experts: list[str], prefix_id: int) -> Callable[[list[int]], Any]:
+    """A document classifier over the model's experts (public first, then the owners): the mean over the
+    document's tokens (read after `prefix_id`, as every rolling window starts) of its first layer's router
+    probabilities. That layer's router reads the public model's features (embeddings and the first
+    attention block are the public model's), so this is the paper's prompt routing with a classifier
+    fitted without any owner's text."""
+    from flexo.attribution import RoutingRecorder, route_sequences
+
+    def route(ids: list[int]):
+        with RoutingRecorder(model, experts) as rec:
+            return route_sequences(model, rec, [list(ids)], prefix_id=prefix_id).probs[0].mean(dim=0)
+    return route
 
 
 def routed_models(params: Params, layout: Layout, rows: list[str]) -> dict[str, Path]:

@@ -157,7 +157,9 @@ def _evaluate_all(params: Params, layout: Layout, limit: int | None) -> dict:
 # The comparisons the README states (a, b): a − b of the mean bits per byte over the owner domains, with a
 # paired bootstrap interval; lower is better. Rows missing from the plan (baselines off) are skipped.
 COMPARISONS = (("flexolmo", "public"), ("flexolmo-rt", "public"), ("flexolmo-rt", "flexolmo"), ("flexolmo", "btm"),
-               ("flexolmo-rt", "btm"), ("btm", "soup"), ("soup", "public"), ("flexolmo", "soup"))
+               ("flexolmo-rt", "btm"), ("btm", "soup"), ("soup", "public"), ("flexolmo", "soup"),
+               ("flexolmo", "prompt-routing"), ("flexolmo-rt", "prompt-routing"), ("soup-weighted", "soup"),
+               ("btm-top2", "btm"))
 
 
 def comparisons(bpb: dict[str, dict[str, float]], replicates: dict[str, dict[str, list[float]]],
@@ -227,8 +229,10 @@ def render_table(bpb: dict[str, dict[str, float]], domains: list[str], owners: l
            "every column is public text: no owner's held-out split is here (it stays with its owner), so the "
            "owner domains are not scored on this machine. ")
         + "public = the public dense model; flexolmo = the merged MoE (-rt: router-tuned); "
-        "soup = all expert FFNs averaged into one dense model; btm = posterior-weighted ensemble of the public "
-        "model and every owner's model; expert:X = owner X's own 2-expert model; optout:X = the merged model "
+        "soup = all expert FFNs averaged into one dense model (-weighted: per document, weighted by the prompt "
+        "classifier); btm = posterior-weighted ensemble of the public model and every owner's model (-top2: only the "
+        "2 members with the highest posterior after 32 tokens); prompt-routing = each document scored by the one "
+        "model (public or an owner's) a classifier on the first router layer picks from its first 32 tokens; expert:X = owner X's own 2-expert model; optout:X = the merged model "
         "with X's expert masked out at run time."
     )
     if dp:

@@ -58,7 +58,7 @@ def test_bits_per_byte_equals_direct_computation(tiny_project, tmp_path):
     assert raw["results"][task_name("alpha")]["bits_per_byte,none"] == pytest.approx(got["alpha"])
 
 
-MODELS = ["public", "flexolmo", "soup", "btm", "btm-top2", "expert:alpha", "expert:beta", "optout:alpha", "optout:beta"]
+MODELS = ["public", "flexolmo", "soup", "soup-weighted", "btm", "btm-top2", "prompt-routing", "expert:alpha", "expert:beta", "optout:alpha", "optout:beta"]
 DOMAINS = ["public", "alpha", "beta"]
 
 
@@ -84,7 +84,8 @@ def test_comparisons_are_paired_intervals_around_the_table_differences(evaluated
     on_disk = json.loads((layout.results / "metrics.json").read_text())
     avg = on_disk["avg_owner_bpb"]
     assert set(on_disk["comparisons"]) == {"flexolmo - public", "flexolmo - btm", "btm - soup", "soup - public",
-                                           "flexolmo - soup"}  # no flexolmo-rt row in the fixture
+                                           "flexolmo - soup", "flexolmo - prompt-routing", "soup-weighted - soup",
+                                           "btm-top2 - btm"}  # no flexolmo-rt row in the fixture
     for pair, c in on_disk["comparisons"].items():
         a, b = pair.split(" - ")
         assert c["mean"]["diff"] == pytest.approx(avg[a] - avg[b], abs=1e-4)
@@ -201,7 +202,7 @@ def test_mixed_domain_suite_compares_token_routing_with_btm(evaluated):
     layout, params, _, _ = evaluated
     mixed = json.loads((layout.results / "metrics.json").read_text())["mixed"]
     assert mixed["owners"] == ["alpha", "beta"]
-    assert set(mixed["avg"]) == {"public", "flexolmo", "soup", "btm", "btm-top2"}  # the headline rows, no opt-outs
+    assert set(mixed["avg"]) == {"public", "flexolmo", "soup", "btm", "btm-top2", "prompt-routing"}  # the headline rows, no opt-outs
     for m, per_owner in mixed["bpb"].items():
         assert mixed["avg"][m] == pytest.approx(sum(per_owner.values()) / 2, abs=1e-6)
     c = mixed["comparisons"]["flexolmo - btm"]

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import copy_project, run_cli
 
-MODELS = ["public", "flexolmo", "soup", "btm", "btm-top2", "expert:alpha", "expert:beta", "optout:alpha", "optout:beta"]
+MODELS = ["public", "flexolmo", "soup", "soup-weighted", "btm", "btm-top2", "prompt-routing", "expert:alpha", "expert:beta", "optout:alpha", "optout:beta"]
 
 
 def test_each_owner_ships_every_row_on_its_own_domain_and_no_text(evaluated):
@@ -64,3 +64,24 @@ def test_score_runs_only_where_the_owners_data_is(evaluated, tmp_path):
     assert project.layout.scores("alpha").read_bytes() == before
     rc, _, err = run_cli(["--root", str(project.root), "score", "--owner", "gamma"])
     assert rc == 2 and "gamma" in err and err.count("\n") == 1
+
+
+def test_prompt_router_reads_the_first_router_layer(evaluated):
+    """The prompt-routing classifier: layer 0's router probabilities averaged over the document's tokens."""
+    import torch
+
+    from flexo.attribution import routing_capture
+    from flexo.evaluation import load_tokenizer_for
+    from flexo.modeling import load_model, read_meta
+    from flexo.scoring import first_router
+
+    layout, _, _, _ = evaluated
+    model, tok = load_model(layout.merged), load_tokenizer_for(layout.merged, layout.tokenizer)
+    experts = read_meta(layout.merged)["experts"]
+    assert experts[0] == "public"
+    text = "Calculate 12 + 30. Answer: 42\nCalculate 7 * 6. Answer: 42"
+    ids = tok.encode(text, add_special_tokens=False)
+    p = first_router(model, experts, tok.eos_token_id)(ids)
+    assert p.shape == (3,) and float(p.sum()) == pytest.approx(1, abs=1e-5)
+    direct = routing_capture(model, tok, text, experts).probs[0].mean(dim=0)  # the attribution's own capture
+    assert torch.allclose(p, direct, atol=1e-5)
