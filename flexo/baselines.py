@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ def _expert_ffn_from_package(folder: Path, num_layers: int) -> list[tuple[torch.
     return out
 
 
-def _expert_ffn_from_model(model, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def expert_ffn_from_model(model, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.mlp.experts.gate_up_proj[index].detach(), layer.mlp.experts.down_proj[index].detach())
             for layer in model.model.layers]
 
@@ -89,7 +89,7 @@ def _owner_ffn(source: Path, public_fp: str | None, num_layers: int):
         fp = read_meta(model_dir).get("fingerprint")
         if fp and fp != public_fp:
             raise FlexoError(f"{model_dir} was trained against another public model: retrain it")
-    return _expert_ffn_from_model(model, 1)
+    return expert_ffn_from_model(model, 1)
 
 
 def soup_base(public_model):
@@ -139,7 +139,7 @@ def model_soup(public: Path | Any, experts: Sequence[Path], *, weights: Sequence
     if public_model.config.num_experts != 1:
         raise FlexoError(f"the public model must have 1 expert, it has {public_model.config.num_experts}")
     n_layers = public_model.config.num_hidden_layers
-    ffns = [_expert_ffn_from_model(public_model, 0)] + [_owner_ffn(e, public_fp, n_layers) for e in experts]
+    ffns = [expert_ffn_from_model(public_model, 0)] + [_owner_ffn(e, public_fp, n_layers) for e in experts]
     return set_soup_ffn(soup_base(public_model), ffns, [1.0] * len(ffns) if weights is None else weights)
 
 
@@ -178,7 +178,7 @@ def mixture_logprobs(member_logprobs: torch.Tensor, *, top_k: int = 0, prefix_to
     return torch.logsumexp(log_w + member_logprobs.double(), dim=0)
 
 
-def _register(name: str):
+def register_lm(name: str):
     def decorate(cls):
         try:
             register_model(name)(cls)
@@ -192,7 +192,7 @@ def _register(name: str):
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend's default
 
 
-class _MembersLM(TemplateLM):
+class MembersLM(TemplateLM):
     """What BTM and the routed baselines share: member models over one tokenizer, HFLM's tokenisation and
     rolling windows, batched scoring, and greedy decoding of a posterior mixture (one member: plain greedy).
 
@@ -445,8 +445,8 @@ class _MembersLM(TemplateLM):
                 last[i] = F.log_softmax(logits.float(), dim=-1).double()
 
 
-@_register("flexo-btm")
-class BTMLM(_MembersLM):
+@register_lm("flexo-btm")
+class BTMLM(MembersLM):
     """lm-eval model `flexo-btm`: a posterior-weighted ensemble of causal LMs sharing one tokenizer.
 
     `members`: model folders or loaded models (a string is split on `os.pathsep`, for
@@ -494,105 +494,6 @@ class BTMLM(_MembersLM):
         if name not in self.member_rolling:
             raise FlexoError(f"flexo-btm has no member {name!r}: its members are {self.names}")
         return MemberReplayLM(name, self.member_rolling[name])
-
-
-ROUTED_MODES = ("one", "soup")
-
-
-@_register("flexo-routed")
-class RoutedLM(_MembersLM):
-    """lm-eval model `flexo-routed`: each document (or prompt) goes to the member(s) a router picks.
-
-    `route(token_ids) → probabilities over members` is the caller's classifier (a callable, or
-    "module:function" to import, for `--model_args`). It reads a document's first `prefix_tokens` tokens
-    (`loglikelihood_rolling`) or a prompt's whole context encoding (`loglikelihood`, `generate_until`).
-
-    - mode "one" (the paper's prompt routing): the argmax member scores or generates the whole request,
-      with exactly the rolling windows lm-eval's HF backend uses, so its bits-per-byte is HFLM's for the
-      documents routed to it.
-    - mode "soup" (BTM's weighted parameter averaging): members are [public 1-expert model, owners'
-      2-expert models]; each request gets the 1-expert model whose FFN is Σ_j p_j FFN_j (the public FFN,
-      then each owner's expert), built as :func:`model_soup` builds it, from FFNs read once.
-
-    `routed`: request text → chosen member index (the argmax in both modes); `route_weights`: → the
-    router's normalised probabilities; :meth:`routed_counts` sums them up for a report.
-    """
-
-    kind = "flexo-routed"
-
-    def __init__(self, members: Any, route: Callable[[list[int]], torch.Tensor] | str, tokenizer: Any = None,
-                 names: Sequence[str] | None = None, batch_size: int | str = 8, max_length: int | str = 256,
-                 mode: str = "one", prefix_tokens: int | str = 32, device: str | None = None,
-                 max_batch_size: int | None = None) -> None:  # max_batch_size: lm-eval passes it; unused
-        if mode not in ROUTED_MODES:
-            raise FlexoError(f"flexo-routed mode {mode!r} is not one of {ROUTED_MODES}")
-        if int(prefix_tokens) < 1:
-            raise FlexoError(f"flexo-routed prefix_tokens={prefix_tokens} must be ≥ 1: the router needs a token")
-        if isinstance(route, str):
-            route = _import_callable(route)
-        if not callable(route):
-            raise FlexoError(f"flexo-routed route {route!r} is not callable: pass a function of the token ids")
-        super().__init__(members, tokenizer, names, batch_size, max_length, device)
-        self.route, self.mode, self.prefix_tokens = route, mode, int(prefix_tokens)
-        self.routed: dict[str, int] = {}
-        self.route_weights: dict[str, list[float]] = {}
-        if mode == "soup":
-            self._ffns = self._soup_ffns()
-            self.soup = soup_base(self.models[0])
-
-    def _soup_ffns(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The public member's FFN and each owner member's expert FFN, after checking they fit together."""
-        public, owners = self.models[0], self.models[1:]
-        if public.config.num_experts != 1 or any(m.config.num_experts != 2 for m in owners):
-            counts = [m.config.num_experts for m in self.models]
-            raise FlexoError(f"flexo-routed soup needs the public 1-expert model first, then owners' 2-expert "
-                             f"models; the members have {counts} experts: pass members=[public, *owners]")
-        public_ffn = _expert_ffn_from_model(public, 0)
-        for name, model in zip(self.names[1:], owners):
-            shared = _expert_ffn_from_model(model, 0)  # an owner's expert 0 is the public FFN, frozen
-            if not all(torch.equal(a, b) for pa, pb in zip(shared, public_ffn) for a, b in zip(pa, pb)):
-                raise FlexoError(f"flexo-routed member {name!r} was trained against another public model "
-                                 "(its expert 0 differs from the public FFN): retrain it or pass its public model")
-        return [public_ffn] + [_expert_ffn_from_model(m, 1) for m in owners]
-
-    def _weights(self, key: str, ids: list[int]) -> list[float]:
-        p = torch.as_tensor(self.route(list(ids)), dtype=torch.float64).detach().flatten().cpu()
-        if p.numel() != len(self.models) or not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or p.sum() <= 0:
-            raise FlexoError(f"flexo-routed: the router returned {p.tolist()} for {len(self.models)} members: "
-                             "it must return one non-negative probability per member")
-        self.routed[key] = int(p.argmax())
-        self.route_weights[key] = (p / p.sum()).tolist()
-        return self.route_weights[key]
-
-    def _assign(self, keys: list[str], route_ids: list[list[int]]):
-        weights = [self._weights(k, ids) for k, ids in zip(keys, route_ids)]
-        if self.mode == "soup":  # one request at a time: the soup model is rewritten for each
-            for j, w in enumerate(weights):
-                yield [set_soup_ffn(self.soup, self._ffns, w)], [j]
-            return
-        for member in sorted({self.routed[k] for k in keys}):
-            yield [self.models[member]], [j for j, k in enumerate(keys) if self.routed[k] == member]
-
-    def routed_counts(self) -> dict[str, int]:
-        """How many requests went to each member (the argmax of the router's probabilities)."""
-        counts = {n: 0 for n in self.names}
-        for member in self.routed.values():
-            counts[self.names[member]] += 1
-        return counts
-
-    def get_model_info(self) -> dict:
-        return {"routed_members": self.names, "routed_mode": self.mode, "routed_prefix_tokens": self.prefix_tokens,
-                "routed_max_length": self.max_length, "routed_counts": self.routed_counts()}
-
-
-def _import_callable(spec: str) -> Callable:
-    import importlib
-
-    module, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise FlexoError(f"flexo-routed route {spec!r} cannot be imported ({e}): give it as module:function") from None
 
 
 class MemberReplayLM(LM):

@@ -39,7 +39,7 @@ from flexo.threads import torch_threads  # noqa: E402
 COMMANDS = {"curate": "curate", "tokenizer": "tokenizer", "embed": "embed", "train-public": "train_public",
             "train-expert": "train_expert", "router-update": "router_update", "merge": "merge",
             "router-tune": "router_tune", "audit-extraction": "audit", "score": "score", "evaluate": "evaluate",
-            "benchmark": "benchmark", "tasks": "benchmark",
+            "benchmark": "benchmark", "tasks": "tasks",
             "opt-out": "optout", "attribute": "attribute", "status": "status", "serve": "serve", "plan": "plan"}
 STAGES = tuple(dict.fromkeys(COMMANDS.values()))
 _GLOBAL_VALUES = ("--root", "--params")  # the options before the subcommand that take a value

@@ -136,7 +136,7 @@ def _plan(params: Params, layout: Layout, tokenizer: Callable[[], Any], cache: "
     def routed(mode: str):
         @contextlib.contextmanager
         def make():
-            from flexo.baselines import RoutedLM
+            from flexo.routed import RoutedLM
 
             with contextlib.ExitStack() as stack:
                 classifier = stack.enter_context(cache.use(router_folder))

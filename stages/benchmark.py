@@ -3,8 +3,7 @@ public model, both merged models, the model soup and BTM.
 
     flexo benchmark                            # the DVC stage: every model → results/flexolmo31/
     flexo benchmark --model DIR [--limit N]    # one FlexOlmo model folder → results/adhoc/
-    flexo tasks --out DIR                      # the suite rendered for plain lm-eval:
-                                               #   lm_eval --include_path DIR --tasks flexolmo31 …
+    (`flexo tasks --out DIR`, stages/tasks.py, renders the suite for plain lm-eval users)
 
 The suite (flexo.lm_tasks.suite) has 31 members in the paper's 11 categories. Members whose data is
 not on this machine (the hub-only tasks) or whose judge is not configured (NewsG and PoemG without
@@ -33,7 +32,7 @@ from flexo import timings
 from flexo.errors import FlexoError
 from flexo.evaluation import RUN_KEYS, default_device, hf_lm, load_tokenizer_for
 from flexo.intervals import reading
-from flexo.fsutil import OutputGuard, atomic_file, atomic_path, write_json
+from flexo.fsutil import atomic_file, atomic_path, write_json
 from flexo.layout import Layout
 from flexo.params import PUBLIC, Params
 from flexo.project import stage_command
@@ -220,9 +219,16 @@ def _write_raw(path: Path, results: dict) -> None:
 
     from lm_eval.utils import handle_non_serializable
 
+    def plain(obj):
+        # The task configs hold the scoring hooks (`!function`): their repr carries a memory address, which
+        # would change the DVC hash from one run to the next; the qualified name does not.
+        if callable(obj):
+            return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+        return handle_non_serializable(obj)
+
     kept = {k: v for k, v in results.items() if k not in RUN_KEYS}
     with atomic_file(path) as f:
-        json.dump(kept, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        json.dump(kept, f, indent=2, default=plain, ensure_ascii=False)
         f.write("\n")
 
 
@@ -394,28 +400,8 @@ def plot_categories(path: Path, table: dict) -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------- `flexo tasks`
-def tasks_guard(out: Path, layout: Layout | None) -> OutputGuard:
-    """What `flexo tasks --out` may replace: an absent or empty folder, or one an earlier `flexo tasks` wrote."""
-    def same_kind(path: Path) -> bool:
-        return (path / "manifest.json").is_file() and (path / "tasks").is_dir()
-
-    return OutputGuard("rendered task suite", same_kind, (), layout.protected() if layout is not None else (),
-                       command="flexo tasks", files=("manifest.json", "data/*", "tasks/*"), user_out=True)
-
-
-def render_tasks(layout: Layout, out: Path) -> dict:
-    """The suite rendered with its data into `out`, for `lm_eval --include_path OUT --tasks flexolmo31`."""
-    from flexo.lm_tasks.suite import prepare_benchmarks
-
-    out = Path(out)
-    tasks_dir = prepare_benchmarks(layout.downloads, out, guard=tasks_guard(out, layout))
-    return {"tasks": str(tasks_dir), "run": f"lm_eval --include_path {out} --tasks flexolmo31 --model hf "
-            "--model_args pretrained=MODEL_DIR"}
-
-
 def add_cli(sub) -> None:
-    """`flexo benchmark [--model DIR] [--limit N] [--tasks A,B]` and `flexo tasks --out DIR`."""
+    """`flexo benchmark [--model DIR] [--limit N] [--tasks A,B]`."""
     p = stage_command(sub, "benchmark", "the paper's 31-task suite with lm-eval on the public, merged, soup and BTM "
                       "models (results/flexolmo31/: Table 2 layout, metrics, plot)",
                       lambda args, project: benchmark(project.params, project.layout, model=args.model,
@@ -425,7 +411,3 @@ def add_cli(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="items per task, ≥ 1 (default: benchmark.limit)")
     p.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=None,
                    help="comma-separated members of flexolmo31 (default: benchmark.tasks, [] = every one that can run)")
-    t = stage_command(sub, "tasks", "render the 31-task suite and its offline data into a folder for plain lm-eval",
-                      lambda args, project: render_tasks(project.layout, args.out))
-    t.add_argument("--out", type=Path, required=True,
-                   help="folder to write (absent, empty, or an earlier `flexo tasks` output)")

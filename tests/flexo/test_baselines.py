@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import direct_rolling_logprobs, edit_manifest, package_copy
-from flexo.baselines import BTMLM, RoutedLM, btm_total_loglikelihood, mixture_logprobs, model_soup
+from flexo.baselines import BTMLM, btm_total_loglikelihood, mixture_logprobs, model_soup
+from flexo.routed import RoutedLM
 from flexo.errors import FlexoError
 from flexo.evaluation import evaluate_model, hf_lm, load_tokenizer_for, write_domain_tasks
 from flexo.modeling import load_model, new_model, with_experts

@@ -33,7 +33,7 @@ def test_help_lists_every_stage(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     names = [name for stage in cli.STAGES for name in subcommands(stage)]
-    assert len(names) == len(cli.STAGES) == 16  # one subcommand per stage module
+    assert len(names) == len(cli.STAGES) == 18  # one subcommand per stage module
     assert {"curate", "train-expert", "audit-extraction", "opt-out", "router-tune", "status", "serve"} <= set(names)
     for name in names:
         assert f"    {name}" in out, name  # listed, with its help text

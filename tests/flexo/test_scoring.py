@@ -42,7 +42,8 @@ def test_plan_has_flexolmo_rt_only_when_tuned(evaluated, tmp_path):
 
 def _shipped(layout: Layout, who: str, **changes) -> dict:
     rec = {"format": SCORES_FORMAT, "owner": who, "domain": who, "limit": 2, "max_length": 64,
-           "fingerprints": {"public": "p", "merged": "m"}, "bpb": {"public": 3.1, "flexolmo": 3.0}, "routing": {}}
+           "fingerprints": {"public": "p", "merged": "m"}, "bpb": {"public": 3.1, "flexolmo": 3.0}, "routing": {},
+           "bootstrap": {"public": [3.0, 3.2], "flexolmo": [2.9, 3.1]}}
     rec.update(changes)
     layout.scores(who).parent.mkdir(parents=True, exist_ok=True)
     layout.scores(who).write_text(json.dumps(rec))
@@ -61,7 +62,9 @@ def test_shipped_scores_are_checked_against_these_models_and_settings(tmp_path):
              ({"bpb": {"public": 3.1}}, "lacks rows \\['flexolmo'\\]"),
              ({"bpb": {"public": 3.1, "flexolmo": -1.0}}, "unusable values"),
              ({"owner": "beta"}, "not alpha's scores"),
-             ({"format": "v0"}, "not alpha's scores")]
+             ({"format": "v0"}, "not alpha's scores"),
+             ({"bootstrap": {"public": [3.0, 3.2]}}, "lacks the bootstrap replicates"),
+             ({"bootstrap": {"public": [3.0], "flexolmo": [2.9, 3.1]}}, "lacks the bootstrap replicates")]
     for change, message in cases:
         _shipped(layout, "alpha", **change)
         with pytest.raises(FlexoError, match=message) as e:

@@ -130,7 +130,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_project, tmp_path):
 
 def test_flexo_tasks_renders_a_folder_lm_eval_runs(tiny_project, tmp_path):
     from flexo.layout import Layout
-    from stages.benchmark import render_tasks
+    from stages.tasks import render_tasks
 
     out = tmp_path / "suite"
     try:
