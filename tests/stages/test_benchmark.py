@@ -144,7 +144,11 @@ def test_flexo_tasks_renders_a_folder_lm_eval_runs(tiny_project, tmp_path):
     tm = TaskManager(include_path=str(out), include_defaults=True)
     assert {"flexolmo31", "flexo_mmlu", "flexo_minerva_math", "flexo_arc_easy"} <= set(tm.all_tasks)
     # lm-eval's own command line, as an lm-eval user runs it, on the tiny public model
-    env = {**os.environ, "HF_ALLOW_CODE_EVAL": "1", "OMP_NUM_THREADS": "1"}
+    # a new shell's environment: no torch.distributed rendezvous left behind by other tests (DeepSpeed's set
+    # RANK/MASTER_PORT…, which makes accelerate inside lm-eval try to join a process group)
+    dist = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+            "CROSS_SIZE", "LOCAL_SIZE")
+    env = {**{k: v for k, v in os.environ.items() if k not in dist}, "HF_ALLOW_CODE_EVAL": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--include_path", str(out),
                         "--tasks", "flexo_arc_easy", "--model", "hf", "--model_args",
                         f"pretrained={tiny_project.public_model},dtype=float32", "--limit", "2", "--device", "cpu"],
