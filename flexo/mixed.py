@@ -132,9 +132,9 @@ def routing_trace(params, layout, tokenizer, doc: MixedDocument, rows: list[str]
 
     from flexo.attribution import routing_capture
     from flexo.baselines import BTMLM
-    from flexo.modeling import load_model, owner_model_from_package, read_meta
+    from flexo.modeling import load_model, read_meta
     from flexo.params import PUBLIC
-    from flexo.scoring import owner_model_path
+    from flexo.scoring import load_owner_model, owner_model_path
 
     ids = tokenizer.encode(doc.text, add_special_tokens=False)
     starts = [len(tokenizer.encode(doc.text[:s], add_special_tokens=False)) // TRACE_BIN for s in doc.starts]
@@ -146,11 +146,8 @@ def routing_trace(params, layout, tokenizer, doc: MixedDocument, rows: list[str]
             capture = routing_capture(load_model(folder), tokenizer, doc.text, experts)
             trace["routers"][name] = {"experts": experts, "probs": _bins(capture.probs.mean(dim=0), TRACE_BIN)}
     if "btm" in rows:
-        members = [load_model(layout.public_model)]
-        for o in params.owners:
-            path = owner_model_path(layout, o)
-            members.append(load_model(path) if (path / "config.json").is_file()
-                           else owner_model_from_package(layout.public_model, path))
+        members = [load_owner_model(layout.public_model, p)
+                   for p in [layout.public_model, *(owner_model_path(layout, o) for o in params.owners)]]
         lm = BTMLM(members, tokenizer=tokenizer, names=[PUBLIC, *params.owners],
                    batch_size=params.evaluate.batch_size, max_length=params.evaluate.max_length)
         lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (doc.text,), 0)])

@@ -54,6 +54,14 @@ def owner_model_path(layout: Layout, owner: str) -> Path:
     return layout.expert(owner)
 
 
+def load_owner_model(public_model: Path, path: Path):
+    """An owner's model from `owner_model_path`: its folder, or rebuilt from its package on the public model."""
+    from flexo.modeling import load_model, owner_model_from_package
+
+    path = Path(path)
+    return load_model(path) if (path / "config.json").is_file() else owner_model_from_package(public_model, path)
+
+
 def require_model(path: Path, what: str, stage: str) -> Path:
     if not (Path(path) / "config.json").is_file():
         raise FlexoError(f"no {what} in {path}: run `flexo {stage}` first")
@@ -202,15 +210,10 @@ class _ModelCache:
 
     @contextlib.contextmanager
     def use(self, path: Path) -> Iterator[Any]:
-        from flexo.modeling import load_model, owner_model_from_package
-
         path = Path(path)
         if path not in self.models:
-            if (path / "config.json").is_file():
-                model = load_model(path)
-            else:  # an expert package without the owner's model folder (a central machine)
-                model = owner_model_from_package(self.public_model, path)
-            self.models[path] = model.to(default_device())
+            # a model folder, or an expert package without the owner's model folder (a central machine)
+            self.models[path] = load_owner_model(self.public_model, path).to(default_device())
         try:
             yield self.models[path]
         finally:

@@ -36,7 +36,7 @@ from flexo.fsutil import atomic_file, atomic_path, write_json
 from flexo.layout import Layout
 from flexo.params import PUBLIC, Params
 from flexo.project import stage_command
-from flexo.scoring import model_file_name, owner_model_path, require_model
+from flexo.scoring import load_owner_model, model_file_name, owner_model_path, require_model
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +177,8 @@ def _rows(params: Params, layout: Layout, model: Path | None) -> dict:
     @contextlib.contextmanager
     def btm(tokenizer):
         from flexo.baselines import BTMLM
-        from flexo.modeling import load_model, owner_model_from_package
 
-        members = [load_model(layout.public_model)]
-        for path in experts.values():
-            members.append(load_model(path) if (path / "config.json").is_file()
-                           else owner_model_from_package(layout.public_model, path))
+        members = [load_owner_model(layout.public_model, p) for p in [layout.public_model, *experts.values()]]
         yield BTMLM(members, tokenizer=tokenizer, names=[PUBLIC, *params.owners], batch_size=ev.batch_size,
                     max_length=ev.max_length)
 
